@@ -1,0 +1,216 @@
+"""Built-in datasets (no download) and user arrays, as in-memory tensors with their splits.
+
+`digits` (scikit-learn's 1,797 8x8 handwritten digits, embedded in the package) is the default
+classification task; `diabetes` (442 patients, 10 features) is the built-in regression task; `npz`
+reads a user's `.npz` file with arrays `inputs` (N, ...) and `targets` (N,) (integer targets mean
+classification, float targets regression).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stillroom.errors import StillroomError
+from stillroom.losses import IGNORE_INDEX
+
+
+@dataclass(frozen=True)
+class ArrayData:
+    """A dataset held in memory.
+
+    inputs: (N, *input_shape) float32. targets: (N,) int64 class ids (IGNORE_INDEX = no label) for
+    classification; (N,) or (N, D) float32 (NaN = no label) for regression.
+    """
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    task: str
+    num_outputs: int
+    name: str
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.inputs.shape[1:])
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def subset(self, index: torch.Tensor) -> ArrayData:
+        return replace(self, inputs=self.inputs[index], targets=self.targets[index])
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: ArrayData
+    val: ArrayData
+    test: ArrayData
+
+
+def _digits(path: Path | None) -> ArrayData:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    # pixel values are 0..16; scale to [0, 1] and keep the image shape for convolutional teachers
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return ArrayData(
+        images, torch.tensor(bunch.target, dtype=torch.int64), "classification", 10, "digits"
+    )
+
+
+def _diabetes(path: Path | None) -> ArrayData:
+    from sklearn.datasets import load_diabetes
+
+    bunch = load_diabetes()
+    return ArrayData(
+        torch.tensor(bunch.data, dtype=torch.float32),
+        torch.tensor(bunch.target, dtype=torch.float32),
+        "regression",
+        1,
+        "diabetes",
+    )
+
+
+def _npz(path: Path | None) -> ArrayData:
+    if path is None:
+        raise StillroomError(
+            "data.source 'npz' needs data.path: the .npz file with inputs and targets"
+        )
+    path = Path(path)
+    if not path.is_file():
+        raise StillroomError(f"data file {path} does not exist; check data.path")
+    try:
+        # allow_pickle=False: an .npz from elsewhere must not run code when loaded
+        with np.load(path, allow_pickle=False) as arrays:
+            missing = {"inputs", "targets"} - set(arrays.files)
+            if missing:
+                raise StillroomError(
+                    f"{path} lacks array(s) {sorted(missing)}; it holds {arrays.files}. Save it with "
+                    "np.savez(path, inputs=X, targets=y)"
+                )
+            inputs, targets = arrays["inputs"], arrays["targets"]
+    except (ValueError, OSError) as err:
+        raise StillroomError(f"cannot read {path} as .npz without pickles ({err})") from err
+    if len(inputs) != len(targets):
+        raise StillroomError(
+            f"{path}: {len(inputs)} inputs but {len(targets)} targets; they must match"
+        )
+    if np.issubdtype(targets.dtype, np.integer):
+        num_classes = int(targets.max()) + 1 if len(targets) else 0
+        return ArrayData(
+            torch.tensor(inputs, dtype=torch.float32),
+            torch.tensor(targets, dtype=torch.int64),
+            "classification",
+            num_classes,
+            path.stem,
+        )
+    tgt = torch.tensor(targets, dtype=torch.float32)
+    return ArrayData(
+        torch.tensor(inputs, dtype=torch.float32),
+        tgt,
+        "regression",
+        1 if tgt.dim() == 1 else tgt.shape[1],
+        path.stem,
+    )
+
+
+DATASETS: dict[str, Callable[[Path | None], ArrayData]] = {
+    "digits": _digits,
+    "diabetes": _diabetes,
+    "npz": _npz,
+}
+"""Every dataset a recipe's `data.source` may name."""
+
+
+def load_dataset(source: str, path: Path | None = None) -> ArrayData:
+    if source not in DATASETS:
+        raise StillroomError(f"unknown data source {source!r}; available: {', '.join(DATASETS)}")
+    data = DATASETS[source](path)
+    if len(data) == 0:
+        raise StillroomError(f"dataset {data.name!r} has no samples; give a file with at least one")
+    return data
+
+
+def split(data: ArrayData, test_fraction: float, val_fraction: float, seed: int) -> Splits:
+    """Shuffle with `seed` and cut into train / val / test (stratified by class when classifying).
+
+    Regression targets are standardised with the train split's mean and std.
+    """
+    n = len(data)
+    n_test, n_val = round(n * test_fraction), round(n * val_fraction)
+    if n - n_test - n_val < 1 or n_test < 1 or n_val < 1:
+        raise StillroomError(
+            f"dataset {data.name!r} has {n} samples: too few for test_fraction={test_fraction} and "
+            f"val_fraction={val_fraction}; give more data or change the fractions"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    if data.task == "classification":
+        order = _stratified_order(data.targets, gen)
+        # stratified: every k-th sample of the class-interleaved order goes to test / val
+        test_idx = order[torch.linspace(0, n - 1, n_test).round().long()]
+        rest = order[~torch.isin(order, test_idx)]
+        val_idx = rest[torch.linspace(0, len(rest) - 1, n_val).round().long()]
+        train_idx = rest[~torch.isin(rest, val_idx)]
+    else:
+        order = torch.randperm(n, generator=gen)
+        test_idx, val_idx, train_idx = (
+            order[:n_test],
+            order[n_test : n_test + n_val],
+            order[n_test + n_val :],
+        )
+    train, val, test = data.subset(train_idx), data.subset(val_idx), data.subset(test_idx)
+    if data.task == "regression":
+        mean, std = train.targets.mean(0), train.targets.std(0).clamp_min(1e-8)
+        train, val, test = (
+            replace(s, targets=(s.targets - mean) / std) for s in (train, val, test)
+        )
+    return Splits(train, val, test)
+
+
+def _stratified_order(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A random order in which the classes are interleaved in proportion (for stratified cuts)."""
+    perm = torch.randperm(len(labels), generator=gen)
+    # rank of each sample within its class, normalised to [0, 1): sorting by it interleaves classes
+    position = torch.empty(len(labels))
+    for cls in labels.unique():
+        members = perm[labels[perm] == cls]
+        position[members] = torch.arange(len(members), dtype=torch.float32) / len(members)
+    jitter = torch.rand(len(labels), generator=gen) * 1e-6
+    return torch.argsort(position + jitter)
+
+
+def hide_labels(data: ArrayData, label_fraction: float, seed: int) -> ArrayData:
+    """Keep the labels of `label_fraction` of the samples (at least one per class), hide the rest.
+
+    Hidden labels become IGNORE_INDEX (classification) or NaN (regression): the student gets no
+    hard-label loss on them, while a teacher still gives soft targets for every input.
+    """
+    if label_fraction >= 1.0:
+        return data
+    gen = torch.Generator().manual_seed(seed + 1)
+    keep = torch.zeros(len(data), dtype=torch.bool)
+    if data.task == "classification":
+        for cls in data.targets.unique():
+            members = torch.nonzero(data.targets == cls).flatten()
+            n_keep = max(1, round(label_fraction * len(members)))
+            keep[members[torch.randperm(len(members), generator=gen)[:n_keep]]] = True
+        targets = torch.where(keep, data.targets, torch.full_like(data.targets, IGNORE_INDEX))
+    else:
+        n_keep = max(1, round(label_fraction * len(data)))
+        keep[torch.randperm(len(data), generator=gen)[:n_keep]] = True
+        mask = keep.view(-1, *([1] * (data.targets.dim() - 1)))
+        targets = torch.where(mask, data.targets, torch.full_like(data.targets, float("nan")))
+    return replace(data, targets=targets)
+
+
+def labelled_only(data: ArrayData) -> ArrayData:
+    """The samples that still carry a label (what a student trained without a teacher can use)."""
+    if data.task == "classification":
+        keep = data.targets != IGNORE_INDEX
+    else:
+        keep = ~torch.isnan(data.targets.view(len(data), -1)).any(dim=1)
+    return data.subset(torch.nonzero(keep).flatten())

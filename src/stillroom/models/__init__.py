@@ -1,0 +1,118 @@
+"""Reference architectures, the table that builds them from a spec, and safetensors save/load.
+
+A model spec is a small JSON-able dict, e.g. {"kind": "mlp", "hidden": [32]}; together with the
+data's input shape and output count it rebuilds the module exactly, so a saved student is
+`model.safetensors` + `model.json` and never a pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+from torch import nn
+
+from stillroom.errors import StillroomError
+from stillroom.io import atomic_save_tensors, atomic_write_text
+from stillroom.models.cnn import SmallCNN
+from stillroom.models.mlp import MLP
+
+
+def _build_mlp(spec: dict[str, Any], input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    return MLP(input_shape, list(spec.get("hidden", [64])), num_outputs, spec.get("dropout", 0.0))
+
+
+def _build_cnn(spec: dict[str, Any], input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    return SmallCNN(
+        input_shape,
+        list(spec.get("channels", [32, 64])),
+        int(spec.get("hidden", 128)),
+        num_outputs,
+        spec.get("dropout", 0.0),
+    )
+
+
+MODELS: dict[str, Callable[[dict[str, Any], tuple[int, ...], int], nn.Module]] = {
+    "mlp": _build_mlp,
+    "cnn": _build_cnn,
+}
+"""Every architecture a recipe's `kind` may name."""
+
+
+def build_model(spec: dict[str, Any], input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    """Build the architecture `spec["kind"]` for inputs of `input_shape` and `num_outputs` outputs."""
+    kind = spec.get("kind")
+    if kind not in MODELS:
+        raise StillroomError(f"unknown model kind {kind!r}; available: {', '.join(MODELS)}")
+    return MODELS[kind](spec, tuple(input_shape), num_outputs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """state_dict -> safetensors, atomically. Tensors are made contiguous copies on the CPU."""
+    atomic_save_tensors(model.state_dict(), Path(path))
+
+
+def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    """Load safetensors weights into `model`, with a fix-it message when they do not fit."""
+    path = Path(path)
+    if not path.is_file():
+        raise StillroomError(f"weights file {path} does not exist; check the path")
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise StillroomError(f"cannot read {path} as safetensors ({err}); is the file complete?") from err
+    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+    if missing or unexpected:
+        raise StillroomError(
+            f"weights in {path} do not fit this architecture (missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}); check the model spec matches the one saved"
+        )
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1].strip()
+        raise StillroomError(f"weights in {path} do not fit this architecture: {first}") from err
+    return model
+
+
+def save_model(model: nn.Module, spec: dict[str, Any], directory: Path, **meta: Any) -> Path:
+    """Write `model.safetensors` and `model.json` (spec, input shape, outputs) into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_weights(model, directory / "model.safetensors")
+    atomic_write_text(directory / "model.json", json.dumps({"spec": spec, **meta}, indent=2))
+    return directory / "model.safetensors"
+
+
+def load_model(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model saved by `save_model`; returns (module, metadata)."""
+    directory = Path(directory)
+    meta_path = directory / "model.json"
+    if not meta_path.is_file():
+        raise StillroomError(
+            f"{directory} holds no model.json; point at a folder written by stillroom"
+        )
+    meta = json.loads(meta_path.read_text())
+    model = build_model(meta["spec"], tuple(meta["input_shape"]), meta["num_outputs"])
+    load_weights(model, directory / "model.safetensors")
+    return model, meta
+
+
+__all__ = [
+    "MLP",
+    "MODELS",
+    "SmallCNN",
+    "build_model",
+    "count_parameters",
+    "load_model",
+    "load_weights",
+    "save_model",
+    "save_weights",
+]

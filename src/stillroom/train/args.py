@@ -1,0 +1,81 @@
+"""The plain arguments of one training run (builders turn recipes into these)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from stillroom.losses import DISTILLATION_TERMS, HARD_LABEL_TERMS
+
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "constant")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TrainArgs:
+    """How to train one student (or a teacher, with alpha=0).
+
+    alpha weights the distillation term: `loss = alpha * distillation + (1 - alpha) * hard_label`.
+    """
+
+    epochs: int = 20
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    scheduler: str = "cosine"
+    warmup_steps: int = 0
+    alpha: float = 0.9
+    temperature: float = 4.0
+    loss: str = "soft_target"
+    task: str = "classification"
+    patience: int | None = None
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = None
+    mixed_precision: str = "no"
+    cpu: bool = False
+    seed: int = 0
+    progress: bool = True
+    description: str = "train"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (
+                self.grad_accum_steps >= 1,
+                f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}",
+            ),
+            (
+                self.patience is None or self.patience >= 1,
+                f"patience must be >= 1, got {self.patience}",
+            ),
+            (
+                self.optimizer in OPTIMIZERS,
+                f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}",
+            ),
+            (
+                self.scheduler in SCHEDULERS,
+                f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}",
+            ),
+            (
+                self.mixed_precision in PRECISIONS,
+                f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}",
+            ),
+            (
+                self.loss in DISTILLATION_TERMS,
+                f"loss must be one of {tuple(DISTILLATION_TERMS)}, got {self.loss!r}",
+            ),
+            (
+                self.task in HARD_LABEL_TERMS,
+                f"task must be one of {tuple(HARD_LABEL_TERMS)}, got {self.task!r}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

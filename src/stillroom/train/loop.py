@@ -1,0 +1,348 @@
+"""The one distillation loop. Read `distill` top to bottom: it is the whole training procedure.
+
+    loss = alpha * distillation(student(x), teacher(x), T) + (1 - alpha) * hard_label(student(x), y)
+
+Built on Accelerate, so device placement, mixed precision, gradient accumulation and
+`accelerate launch` multi-GPU runs use the same code. Randomness is re-seeded at every epoch start
+from (seed, epoch) and the data order comes from a seeded sampler, so a run resumed from its last
+checkpoint reaches the same weights as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from stillroom.errors import NonFiniteLossError, StillroomError
+from stillroom.io import atomic_save_tensors, atomic_write_json
+from stillroom.losses import DISTILLATION_TERMS, HARD_LABEL_TERMS
+from stillroom.teachers import Teacher, as_teacher
+from stillroom.train.args import TrainArgs
+from stillroom.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from stillroom.train.evaluate import METRICS, evaluate, is_better
+from stillroom.train.logging import MetricsLog
+
+BEST = "best.safetensors"
+
+
+@dataclass
+class DistillResult:
+    """What a run produced. `student` holds the best checkpoint's weights (by validation metric)."""
+
+    student: nn.Module
+    history: list[dict[str, Any]]
+    metric: str
+    best_epoch: int
+    best_value: float | None
+    stopped_early: bool
+    run_dir: Path | None
+
+
+def distill(
+    teacher: nn.Module | Teacher | None,
+    student: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader | None = None,
+    *,
+    run_dir: Path | str | None = None,
+    resume: bool = False,
+    args: TrainArgs | None = None,
+    **overrides: Any,
+) -> DistillResult:
+    """Train `student` to imitate `teacher` (frozen) while fitting the labels.
+
+    Args:
+        teacher: an `nn.Module` (run live, frozen), a `CachedTeacher` (precomputed outputs looked up
+            by sample index), or None to train on labels alone (then alpha must be 0).
+        student: any `nn.Module` mapping a batch of inputs to outputs shaped like the teacher's.
+        train_loader: yields `(inputs, targets)` or `(inputs, targets, index)`; targets may be
+            `IGNORE_INDEX` (classification) or NaN (regression) where a sample has no label.
+        val_loader: same form; its metric picks the best checkpoint and drives early stopping.
+        run_dir: where checkpoints, metrics.jsonl, TensorBoard logs and best.safetensors go.
+            None keeps everything in memory (no resume).
+        resume: continue from the last checkpoint in `run_dir`.
+        args / overrides: a `TrainArgs`, and/or its fields as keywords (alpha=0.9, epochs=10, ...).
+
+    Returns:
+        DistillResult with the student at its best validation epoch.
+    """
+    args = replace(args or TrainArgs(), **overrides) if overrides else (args or TrainArgs())
+    if teacher is None and args.alpha > 0:
+        raise StillroomError(
+            f"alpha={args.alpha} weights a distillation term but no teacher was given; "
+            "pass a teacher or set alpha=0 to train on labels alone"
+        )
+    run_dir = Path(run_dir) if run_dir is not None else None
+    ckpt_root = run_dir / "checkpoints" if run_dir else None
+    _check_run_dir(run_dir, resume)
+
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.grad_accum_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    set_seed(args.seed)
+    distill_term, hard_term = DISTILLATION_TERMS[args.loss], HARD_LABEL_TERMS[args.task]
+    frozen = as_teacher(teacher).to(accelerator.device) if teacher is not None else None
+    if len(train_loader) == 0:
+        raise StillroomError("the training loader yields no batches; the training set is empty")
+
+    optimizer = _build_optimizer(student, args)
+    steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
+    scheduler = _build_scheduler(optimizer, args, steps_per_epoch * args.epochs)
+    student, optimizer, train_loader = accelerator.prepare(student, optimizer, train_loader)
+    if val_loader is not None:
+        val_loader = accelerator.prepare(val_loader)
+
+    metric, _ = METRICS[args.task]
+    state: dict[str, Any] = {
+        "step": 0,
+        "best_value": None,
+        "best_epoch": 0,
+        "bad_epochs": 0,
+        "history": [],
+    }
+    start_epoch = 0
+    checkpoint = latest_checkpoint(ckpt_root) if (resume and ckpt_root) else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, accelerator.unwrap_model(student), optimizer, scheduler)
+        start_epoch = state["epoch"]
+    log = MetricsLog(run_dir if accelerator.is_main_process else None, state["history"])
+    if run_dir and accelerator.is_main_process:
+        atomic_write_json(run_dir / "train_args.json", args.to_dict())
+
+    stopped_early = state.get("stopped_early", False)
+    progress = _progress(args, accelerator)
+    task_id = progress.add_task(args.description, total=args.epochs * len(train_loader), status="")
+    progress.update(task_id, completed=start_epoch * len(train_loader))
+    with progress:
+        for epoch in range(start_epoch, args.epochs):
+            if stopped_early:
+                break
+            # re-seed from (seed, epoch): dropout masks and data order replay exactly after a resume
+            set_seed(args.seed * 100_003 + epoch)
+            train_loader.set_epoch(epoch)
+            student.train()
+            started = time.perf_counter()
+            sums = {"loss": 0.0, "distillation": 0.0, "hard_label": 0.0}
+            seen = 0
+            for batch in train_loader:
+                inputs, targets, index = _unpack(batch)
+                with accelerator.accumulate(student):
+                    outputs = _match(student(inputs), targets, args.task)
+                    hard = hard_term(outputs, targets)
+                    if frozen is not None and args.alpha > 0:
+                        teacher_outputs = _match(frozen(inputs, index), targets, args.task)
+                        _check_shapes(outputs, teacher_outputs)
+                        kd = distill_term(outputs, teacher_outputs, args.temperature)
+                    else:
+                        kd = torch.zeros((), device=outputs.device)
+                    loss = args.alpha * kd + (1.0 - args.alpha) * hard
+                    _check_finite(loss, kd, hard, state["step"], epoch, ckpt_root)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                        state["step"] += 1
+                    optimizer.zero_grad()
+                n = len(inputs)
+                seen += n
+                for key, value in (("loss", loss), ("distillation", kd), ("hard_label", hard)):
+                    sums[key] += value.item() * n
+                progress.update(
+                    task_id, advance=1, status=f"epoch {epoch + 1} loss {sums['loss'] / seen:.4f}"
+                )
+
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "step": state["step"],
+                "lr": scheduler.get_last_lr()[0],
+                "epoch_seconds": round(time.perf_counter() - started, 4),
+                **{f"train/{key}": value / max(seen, 1) for key, value in sums.items()},
+            }
+            if val_loader is not None:
+                record.update(
+                    {
+                        f"val/{k}": v
+                        for k, v in evaluate(student, val_loader, args.task, accelerator).items()
+                    }
+                )
+            value = record.get(f"val/{metric}")
+            improved = val_loader is None or is_better(args.task, value, state["best_value"])
+            if improved:
+                state.update(best_value=value, best_epoch=epoch + 1, bad_epochs=0)
+                if run_dir and accelerator.is_main_process:
+                    atomic_save_tensors(
+                        accelerator.unwrap_model(student).state_dict(), run_dir / BEST
+                    )
+                else:
+                    state["best_weights"] = _snapshot(accelerator.unwrap_model(student))
+            else:
+                state["bad_epochs"] += 1
+            stopped_early = args.patience is not None and state["bad_epochs"] >= args.patience
+            log.log(record)
+            state["history"] = log.records
+            state["stopped_early"] = stopped_early
+            if val_loader is not None:
+                status = (
+                    f"epoch {epoch + 1} val {metric} {value:.4f} (best {state['best_value']:.4f})"
+                )
+                progress.update(task_id, status=status)
+            if ckpt_root and accelerator.is_main_process:
+                saved = {k: v for k, v in state.items() if k != "best_weights"}
+                save_checkpoint(
+                    ckpt_root,
+                    epoch + 1,
+                    accelerator.unwrap_model(student),
+                    optimizer,
+                    scheduler,
+                    saved,
+                )
+    log.close()
+
+    model = accelerator.unwrap_model(student)
+    if run_dir and (run_dir / BEST).is_file():
+        model.load_state_dict(load_file(str(run_dir / BEST)))
+    elif "best_weights" in state:
+        model.load_state_dict(state["best_weights"])
+    return DistillResult(
+        student=model,
+        history=log.records,
+        metric=metric,
+        best_epoch=state["best_epoch"],
+        best_value=state["best_value"],
+        stopped_early=stopped_early,
+        run_dir=run_dir,
+    )
+
+
+def _check_run_dir(run_dir: Path | None, resume: bool) -> None:
+    """Refuse to train over an earlier run's checkpoints unless asked to resume it."""
+    if run_dir is None:
+        if resume:
+            raise StillroomError("resume needs a run_dir holding the checkpoints to continue from")
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise StillroomError(f"run folder {run_dir} exists and is a file; choose another path")
+    if not resume and (run_dir / "checkpoints").exists():
+        raise StillroomError(
+            f"{run_dir} already holds a run; resume it, or choose a new folder "
+            "(the CLI's --force replaces it)"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # a stale temporary checkpoint from a crash is never resumed from; clear it
+    for tmp in (run_dir / "checkpoints").glob(".epoch-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, dict):
+        return batch["inputs"], batch["targets"], batch.get("index")
+    if isinstance(batch, list | tuple) and len(batch) in (2, 3):
+        return batch[0], batch[1], (batch[2] if len(batch) == 3 else None)
+    raise StillroomError(
+        "each batch must be (inputs, targets), (inputs, targets, index) or a dict with "
+        f"'inputs' and 'targets'; got {type(batch).__name__}"
+    )
+
+
+def _match(outputs: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
+    """Regression heads emit (N, 1) for (N,) targets: view them alike."""
+    if (
+        task == "regression"
+        and outputs.shape != targets.shape
+        and outputs.numel() == targets.numel()
+    ):
+        return outputs.view(targets.shape)
+    return outputs
+
+
+def _check_shapes(student_outputs: torch.Tensor, teacher_outputs: torch.Tensor) -> None:
+    if student_outputs.shape != teacher_outputs.shape:
+        raise StillroomError(
+            f"student outputs {tuple(student_outputs.shape)} but teacher outputs "
+            f"{tuple(teacher_outputs.shape)}: give the student the teacher's number of outputs "
+            "(classes) and output shape"
+        )
+
+
+def _check_finite(
+    loss: torch.Tensor,
+    kd: torch.Tensor,
+    hard: torch.Tensor,
+    step: int,
+    epoch: int,
+    ckpt_root: Path | None,
+) -> None:
+    """Stop before a NaN/inf reaches the weights, naming the step and the term that went bad."""
+    if torch.isfinite(loss):
+        return
+    bad = [
+        name
+        for name, term in (("distillation", kd), ("hard_label", hard))
+        if not torch.isfinite(term)
+    ]
+    where = (
+        f"the last good checkpoint is in {ckpt_root}" if ckpt_root else "no checkpoint was written"
+    )
+    raise NonFiniteLossError(
+        f"loss term '{bad[0] if bad else 'total'}' became {loss.item()} at step {step + 1} "
+        f"(epoch {epoch + 1}); {where}. Lower lr, or check the inputs/teacher outputs for NaN"
+    )
+
+
+def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True
+        )
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def _build_scheduler(
+    optimizer: torch.optim.Optimizer, args: TrainArgs, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant or cosine decay to 0 over the planned steps."""
+    warmup, cosine = args.warmup_steps, args.scheduler == "cosine"
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if not cosine:
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _progress(args: TrainArgs, accelerator: Accelerator) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        disable=not (args.progress and accelerator.is_main_process),
+        transient=False,
+    )
