@@ -87,7 +87,7 @@ def as_teacher(teacher: nn.Module | Teacher) -> Teacher:
     return FrozenTeacher(teacher) if isinstance(teacher, nn.Module) else teacher
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the cached outputs must stay ordinary, editable tensors
 def generate_soft_targets(teacher: nn.Module, loader: DataLoader) -> CachedTeacher:
     """Run the frozen teacher once over an unshuffled `(inputs, targets, index)` loader."""
     frozen = FrozenTeacher(teacher)

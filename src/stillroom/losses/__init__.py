@@ -39,13 +39,20 @@ def distillation_loss(
     labels: torch.Tensor,
     alpha: float = 0.5,
     temperature: float = 4.0,
+    mask: torch.Tensor | None = None,
+    class_dim: int = 1,
 ) -> torch.Tensor:
     """One call for your own training loop: soft targets blended with cross-entropy.
 
     `alpha * soft_target_loss(s, t, T) + (1 - alpha) * cross_entropy(s, labels)`, with
-    `IGNORE_INDEX` labels skipped. Shapes as in `soft_target_loss`; labels (N,).
+    `IGNORE_INDEX` labels skipped. Shapes, `mask` and `class_dim` as in `soft_target_loss`;
+    labels are the logits' shape without the class dim ((N,) or (N, L)); masked-out positions
+    should carry `IGNORE_INDEX` labels.
     """
-    kd = soft_target_loss(student_outputs, teacher_outputs, temperature)
+    kd = soft_target_loss(student_outputs, teacher_outputs, temperature, mask, class_dim)
+    if class_dim not in (1, 1 - student_outputs.dim()):
+        # cross_entropy wants classes on dim 1: (N, L, V) -> (N, V, L)
+        student_outputs = student_outputs.movedim(class_dim, 1)
     ce = hard_label_loss(student_outputs, labels)
     return blend(kd, ce, alpha)
 

@@ -23,9 +23,11 @@ def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch
             f"mask has shape {tuple(mask.shape)} but the loss has one value per position of shape "
             f"{tuple(per_position.shape)}: the mask must match the outputs without their class dim"
         )
-    mask = mask.to(per_position.dtype)
+    mask = mask.bool()
+    # where, not multiply: a non-finite value at a masked position must not leak in as 0 * inf
+    kept = torch.where(mask, per_position, torch.zeros_like(per_position))
     # clamp: a batch with no valid position gives 0, not nan, and still keeps the graph intact
-    return (per_position * mask).sum() / mask.sum().clamp_min(1.0)
+    return kept.sum() / mask.sum().clamp_min(1).to(per_position.dtype)
 
 
 def soft_target_loss(
@@ -57,14 +59,16 @@ def soft_target_loss(
             f"{tuple(teacher_logits.shape)} differ in shape: the student needs the teacher's "
             "number of classes (check num_classes / the output head)"
         )
-    if temperature <= 0:
+    if not temperature > 0:  # also rejects nan
         raise ValueError(f"temperature must be > 0, got {temperature}")
     # fp32 for the softmaxes: half precision loses the small probabilities the soft targets carry
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=class_dim)
     log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=class_dim)
-    kl_per_position = F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="none").sum(
-        dim=class_dim
-    )
+    # a class the teacher rules out (a -inf logit, e.g. a masked vocabulary entry) adds 0 by the
+    # convention 0 * log 0 = 0; computed directly, -inf - -inf would make the whole loss nan
+    teacher_support = log_p_teacher > float("-inf")
+    log_ratio = torch.where(teacher_support, log_p_teacher - log_p_student, 0.0)
+    kl_per_position = (log_p_teacher.exp() * log_ratio).sum(dim=class_dim)
     return _masked_mean(kl_per_position, mask) * temperature**2
 
 

@@ -29,7 +29,7 @@ def _build_cnn(spec: dict[str, Any], input_shape: tuple[int, ...], num_outputs: 
     return SmallCNN(
         input_shape,
         list(spec.get("channels", [32, 64])),
-        int(spec.get("hidden", 128)),
+        list(spec.get("hidden", [128])),
         num_outputs,
         spec.get("dropout", 0.0),
     )
@@ -67,7 +67,9 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
     try:
         state = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise StillroomError(f"cannot read {path} as safetensors ({err}); is the file complete?") from err
+        raise StillroomError(
+            f"cannot read {path} as safetensors ({err}); is the file complete?"
+        ) from err
     missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
     if missing or unexpected:
         raise StillroomError(

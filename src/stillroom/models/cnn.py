@@ -10,13 +10,13 @@ from torch import nn
 
 class SmallCNN(nn.Module):
     """[Conv3x3 -> BatchNorm -> ReLU -> (MaxPool2 while the map is > 4 px)] per channel entry,
-    then a hidden Linear layer and the output head.
+    then [Linear -> ReLU -> Dropout] per hidden width, and the output head.
 
     Args:
         input_shape: (channels, height, width) of one sample; flat inputs of that many features are
             reshaped, so the same data tensors serve MLPs and CNNs.
         channels: output channels of each conv block.
-        hidden: width of the fully connected layer before the head.
+        hidden: widths of the fully connected layers before the head.
         num_outputs: number of classes (or regression outputs).
         dropout: dropout before the head.
     """
@@ -25,7 +25,7 @@ class SmallCNN(nn.Module):
         self,
         input_shape: tuple[int, ...],
         channels: list[int],
-        hidden: int,
+        hidden: list[int],
         num_outputs: int,
         dropout: float = 0.0,
     ) -> None:
@@ -49,13 +49,13 @@ class SmallCNN(nn.Module):
                 height, width = height // 2, width // 2
             in_ch = out_ch
         self.features = nn.Sequential(*blocks)
-        self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(in_ch * height * width, hidden),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, num_outputs),
-        )
+        head: list[nn.Module] = [nn.Flatten()]
+        flat = in_ch * height * width
+        for h in hidden:
+            head += [nn.Linear(flat, h), nn.ReLU(), nn.Dropout(dropout)]
+            flat = h
+        head.append(nn.Linear(flat, num_outputs))
+        self.head = nn.Sequential(*head)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (N, F) flat features -> (N, C, H, W) images when F == C * H * W

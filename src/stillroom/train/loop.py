@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,8 @@ def distill(
     progress = _progress(args, accelerator)
     task_id = progress.add_task(args.description, total=args.epochs * len(train_loader), status="")
     progress.update(task_id, completed=start_epoch * len(train_loader))
-    with progress:
+    # closing(log): a NaN stop or Ctrl-C must not leave the TensorBoard event file open
+    with progress, closing(log):
         for epoch in range(start_epoch, args.epochs):
             if stopped_early:
                 break
@@ -146,6 +148,8 @@ def distill(
                     hard = hard_term(outputs, targets)
                     if frozen is not None and args.alpha > 0:
                         teacher_outputs = _match(frozen(inputs, index), targets, args.task)
+                        # before the hard-label term: a student with fewer classes than the labels
+                        # would otherwise fail inside cross_entropy with a bare IndexError
                         _check_shapes(outputs, teacher_outputs)
                         kd = distill_term(outputs, teacher_outputs, args.temperature)
                     else:
@@ -213,7 +217,6 @@ def distill(
                     scheduler,
                     saved,
                 )
-    log.close()
 
     model = accelerator.unwrap_model(student)
     if run_dir and (run_dir / BEST).is_file():

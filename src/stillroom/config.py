@@ -1,0 +1,204 @@
+"""The recipe schema: typed, flat sections validated at load, from YAML and `key=value` overrides.
+
+Every bad value fails at load with one line naming the field's path, what was given and what is
+allowed. Builders (`Recipe.teacher_spec`, `train_args`, ...) turn sections into plain arguments:
+losses, models and the loop never see a config object.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stillroom.errors import StillroomError
+from stillroom.train.args import TrainArgs
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSection(_Section):
+    source: Literal["digits", "diabetes", "npz"] = Field(
+        "digits", description="built-in dataset, or 'npz' for your own arrays (see data.path)"
+    )
+    path: Path | None = Field(
+        None, description="the .npz file (arrays inputs, targets) for source 'npz'"
+    )
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="share held out for the final table")
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share used for early stopping / best checkpoint"
+    )
+    label_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="share of training samples whose labels the student sees; the teacher gives soft "
+        "targets for all of them (the few-labels + unlabeled transfer set setting)",
+    )
+    batch_size: int = Field(64, ge=1)
+
+
+class ModelSection(_Section):
+    kind: Literal["mlp", "cnn"] = Field(
+        "mlp", description="architecture from stillroom.models.MODELS"
+    )
+    hidden: list[int] = Field([32], description="widths of the fully connected hidden layers")
+    channels: list[int] = Field([32, 64], description="conv channels per block (cnn only)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    def spec(self) -> dict[str, Any]:
+        """The JSON-able spec `stillroom.models.build_model` takes."""
+        spec: dict[str, Any] = {"kind": self.kind, "hidden": self.hidden, "dropout": self.dropout}
+        if self.kind == "cnn":
+            spec["channels"] = self.channels
+        return spec
+
+
+class TrainSection(_Section):
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    scheduler: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    patience: int | None = Field(
+        None, ge=1, description="stop after this many epochs without a better val metric"
+    )
+    grad_accum_steps: int = Field(1, ge=1)
+    max_grad_norm: float | None = Field(None, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+
+
+class TeacherSection(ModelSection):
+    kind: Literal["mlp", "cnn"] = "cnn"
+    hidden: list[int] = [128]
+    checkpoint: Path | None = Field(
+        None,
+        description="a folder with model.json + model.safetensors written by stillroom (e.g. the "
+        "teacher/ folder of an earlier run): load this teacher instead of training one",
+    )
+    train: TrainSection = TrainSection(epochs=20)
+
+
+class DistillSection(TrainSection):
+    epochs: int = Field(60, ge=1)
+    lr: float = Field(1e-2, gt=0)
+    alpha: float = Field(
+        0.9, ge=0, le=1, description="weight of the distillation term; 1 - alpha weights the labels"
+    )
+    temperature: float = Field(4.0, gt=0)
+    loss: Literal["soft_target", "regression"] = Field(
+        "soft_target", description="distillation term, from stillroom.losses.DISTILLATION_TERMS"
+    )
+
+
+class Recipe(_Section):
+    """One distillation experiment. The defaults are the demo's digits setting."""
+
+    name: str = "digits"
+    seed: int = 0
+    data: DataSection = DataSection()
+    teacher: TeacherSection = TeacherSection()
+    student: ModelSection = ModelSection()
+    distill: DistillSection = DistillSection()
+    baseline: bool = Field(
+        True, description="also train the student on labels alone, for comparison"
+    )
+    cpu: bool = Field(False, description="force the CPU even when an accelerator is present")
+
+    def train_args(self, section: TrainSection, task: str, **extra: Any) -> TrainArgs:
+        """Plain TrainArgs for the loop from a training section (teacher.train or distill)."""
+        fields = section.model_dump()
+        fields.update(extra)
+        return TrainArgs(**fields, task=task, seed=self.seed, cpu=self.cpu)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise StillroomError(f"override {dotted}: '{key}' holds a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` strings (values parsed as YAML: 0.5, true, [64, 32], null)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise StillroomError(
+                f"override {item!r} must look like key=value, e.g. distill.alpha=0.5"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not (
+            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+        ):
+            break
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _explain(error: ValidationError, source: str) -> str:
+    """The first validation error as one line: where, what was given, what is allowed."""
+    first = error.errors()[0]
+    loc = tuple(first["loc"])
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    more = f" (and {error.error_count() - 1} more problem(s))" if error.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"{source}: unknown key '{path}'{hint} Allowed here: {', '.join(allowed)}{more}"
+    given = first.get("input")
+    return f"{source}: {path}: {first['msg']} (given {given!r}){more}"
+
+
+def load_recipe(path: Path | str | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (None: the built-in defaults), apply overrides, validate."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path, source = Path(path), str(path)
+        if not path.is_file():
+            raise StillroomError(f"recipe {path} does not exist; see recipes/ for examples")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or "cannot be parsed"
+            raise StillroomError(f"{path}: invalid YAML{where}: {problem}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise StillroomError(
+                f"{path}: a recipe must be a mapping of sections, got {type(loaded).__name__}"
+            )
+        tree = loaded or {}
+    tree = apply_overrides(tree, overrides or [])
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise StillroomError(_explain(err, source)) from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML: every field, defaults included, ready to run again."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
