@@ -50,7 +50,7 @@ def _fresh_run_dir(run_dir: Path, force: bool) -> None:
             f"run folder {run_dir} already exists; pass --resume to continue it, --force to replace it, "
             "or choose another --out"
         )
-    if not ((run_dir / "config.yaml").is_file() or (run_dir / "demo.md").is_file()):
+    if not ((run_dir / "config.yaml").is_file() or (run_dir / "demo.json").is_file()):
         raise StillroomError(
             f"--force only replaces a stillroom run folder, and {run_dir} holds no config.yaml; "
             "choose another --out"
@@ -82,6 +82,7 @@ def _table(title: str, result: RunResult) -> Table:
 
 @app.command()
 def demo(
+    overrides: OverridesArg = None,
     out: OutOption = None,
     seed: Annotated[int, typer.Option(help="seed for data splits, initialisation and order")] = 0,
     force: ForceOption = False,
@@ -93,7 +94,7 @@ def demo(
     run_dir = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     _fresh_run_dir(run_dir, force)
     started = time.perf_counter()
-    result = run_demo(run_dir, seed=seed, progress=progress)
+    result = run_demo(run_dir, seed=seed, progress=progress, overrides=overrides or [])
     titles = {
         "all_labels": "(a) all labels: the student sees every training label",
         "few_labels": f"(b) few labels: the student sees {FEW_LABEL_FRACTION:.0%} of the labels, "

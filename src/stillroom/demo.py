@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stillroom.config import Recipe, load_recipe
-from stillroom.pipeline import RunResult, run_recipe
+from stillroom.io import atomic_write_json, atomic_write_text
+from stillroom.pipeline import RunResult, results_table, run_recipe
 
 FEW_LABEL_FRACTION = 0.05
 
@@ -40,6 +41,11 @@ def run_demo(
     """Both settings into `run_dir/all_labels` and `run_dir/few_labels`."""
     run_dir = Path(run_dir)
     recipes = demo_recipes(seed, overrides)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        run_dir / "demo.json",
+        {"seed": seed, "overrides": overrides or [], "settings": list(recipes)},
+    )
     results = {
         "all_labels": run_recipe(recipes["all_labels"], run_dir / "all_labels", progress=progress)
     }
@@ -52,4 +58,6 @@ def run_demo(
         }
     )
     results["few_labels"] = run_recipe(few, run_dir / "few_labels", progress=progress)
+    summary = [f"## {name}\n\n{results_table(result)}\n" for name, result in results.items()]
+    atomic_write_text(run_dir / "demo.md", "# stillroom demo\n\n" + "\n".join(summary))
     return DemoResult(run_dir, results)

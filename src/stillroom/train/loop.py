@@ -145,7 +145,6 @@ def distill(
                 inputs, targets, index = _unpack(batch)
                 with accelerator.accumulate(student):
                     outputs = _match(student(inputs), targets, args.task)
-                    hard = hard_term(outputs, targets)
                     if frozen is not None and args.alpha > 0:
                         teacher_outputs = _match(frozen(inputs, index), targets, args.task)
                         # before the hard-label term: a student with fewer classes than the labels
@@ -154,6 +153,7 @@ def distill(
                         kd = distill_term(outputs, teacher_outputs, args.temperature)
                     else:
                         kd = torch.zeros((), device=outputs.device)
+                    hard = hard_term(outputs, targets)
                     loss = args.alpha * kd + (1.0 - args.alpha) * hard
                     _check_finite(loss, kd, hard, state["step"], epoch, ckpt_root)
                     accelerator.backward(loss)
