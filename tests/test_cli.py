@@ -282,3 +282,39 @@ def test_nan_loss_stops_with_the_step_and_term(tmp_path: Path) -> None:
         tmp_path / "r",
     )
     assert_user_error(result, "loss term 'hard_label' became nan at step 1 (epoch 1)")
+
+
+def test_interrupted_run_resumes_to_the_same_student(
+    few_label_run, tmp_path: Path, monkeypatch
+) -> None:
+    """Stop the recipe mid-way through the distilled student (as Ctrl-C would), resume via the CLI,
+    and get byte-identical weights to the uninterrupted run."""
+    import stillroom.train.loop as loop
+    from stillroom.pipeline import run_recipe
+
+    reference, _ = few_label_run
+    out = tmp_path / "interrupted"
+    real_save, calls = loop.save_checkpoint, []
+
+    def save_then_stop(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        calls.append(path)
+        if len(calls) == 2 + 3 + 2:  # teacher 2 epochs, scratch 3, then 2 of the student's 3
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(load_recipe(FEW_LABELS, TINY), out, progress=False)
+    assert not (out / "student_kd" / "model.safetensors").exists()
+    result = stillroom("distill", FEW_LABELS, *TINY, "--out", out, "--resume", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    for role in ("teacher", "student_scratch", "student_kd"):
+        assert (out / role / "model.safetensors").read_bytes() == (
+            reference / role / "model.safetensors"
+        ).read_bytes()
+    epochs = [
+        json.loads(x)["epoch"]
+        for x in (out / "student_kd" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert epochs == [1, 2, 3]

@@ -88,7 +88,7 @@ def demo(
     force: ForceOption = False,
     progress: ProgressOption = True,
 ) -> None:
-    """Distil a CNN into a 60x smaller MLP on built-in digits, with all labels and with 5% of them."""
+    """Distil a CNN into a 31x smaller MLP on built-in digits, with all labels and with 5% of them."""
     from stillroom.demo import FEW_LABEL_FRACTION, run_demo
 
     run_dir = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")

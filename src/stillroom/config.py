@@ -47,7 +47,7 @@ class ModelSection(_Section):
     kind: Literal["mlp", "cnn"] = Field(
         "mlp", description="architecture from stillroom.models.MODELS"
     )
-    hidden: list[int] = Field([32], description="widths of the fully connected hidden layers")
+    hidden: list[int] = Field([64], description="widths of the fully connected hidden layers")
     channels: list[int] = Field([32, 64], description="conv channels per block (cnn only)")
     dropout: float = Field(0.0, ge=0, lt=1)
 

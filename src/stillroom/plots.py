@@ -35,20 +35,15 @@ def plot_run(result: RunResult) -> None:
         ax_metric.plot(
             epochs, [r.get(f"val/{result.metric}") for r in records], label=role, color=COLORS[role]
         )
+        color = COLORS[role]
         if role == "student_kd":
-            ax_loss.plot(
-                epochs, [r["train/distillation"] for r in records], label="kd: distillation term"
-            )
-            ax_loss.plot(
-                epochs, [r["train/hard_label"] for r in records], label="kd: hard-label term"
-            )
+            distillation = [r["train/distillation"] for r in records]
+            ax_loss.plot(epochs, distillation, label="kd: distillation term", color=color)
+            hard = [r["train/hard_label"] for r in records]
+            ax_loss.plot(epochs, hard, label="kd: hard-label term", color=color, ls=":")
         elif role == "student_scratch":
-            ax_loss.plot(
-                epochs,
-                [r["train/hard_label"] for r in records],
-                label="scratch: hard-label",
-                ls="--",
-            )
+            hard = [r["train/hard_label"] for r in records]
+            ax_loss.plot(epochs, hard, label="scratch: hard-label", color=color, ls="--")
     ax_metric.set(xlabel="epoch", ylabel=f"validation {result.metric}", title="Learning curves")
     ax_loss.set(xlabel="epoch", ylabel="training loss", title="Loss terms", yscale="log")
     ax_metric.legend()

@@ -136,7 +136,8 @@ def load_dataset(source: str, path: Path | None = None) -> ArrayData:
 
 
 def split(data: ArrayData, test_fraction: float, val_fraction: float, seed: int) -> Splits:
-    """Shuffle with `seed` and cut into train / val / test (stratified by class when classifying).
+    """Shuffle with `seed` and cut into train / val / test (each class cut in the same proportions
+    when classifying, so rare classes reach every split).
 
     Regression targets are standardised with the train split's mean and std.
     """
@@ -149,12 +150,9 @@ def split(data: ArrayData, test_fraction: float, val_fraction: float, seed: int)
         )
     gen = torch.Generator().manual_seed(seed)
     if data.task == "classification":
-        order = _stratified_order(data.targets, gen)
-        # stratified: every k-th sample of the class-interleaved order goes to test / val
-        test_idx = order[torch.linspace(0, n - 1, n_test).round().long()]
-        rest = order[~torch.isin(order, test_idx)]
-        val_idx = rest[torch.linspace(0, len(rest) - 1, n_val).round().long()]
-        train_idx = rest[~torch.isin(rest, val_idx)]
+        test_idx, val_idx, train_idx = _stratified_cut(
+            data.targets, test_fraction, val_fraction, gen
+        )
     else:
         order = torch.randperm(n, generator=gen)
         test_idx, val_idx, train_idx = (
@@ -171,16 +169,24 @@ def split(data: ArrayData, test_fraction: float, val_fraction: float, seed: int)
     return Splits(train, val, test)
 
 
-def _stratified_order(labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """A random order in which the classes are interleaved in proportion (for stratified cuts)."""
-    perm = torch.randperm(len(labels), generator=gen)
-    # rank of each sample within its class, normalised to [0, 1): sorting by it interleaves classes
-    position = torch.empty(len(labels))
+def _stratified_cut(
+    labels: torch.Tensor, test_fraction: float, val_fraction: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(test, val, train) indices with each class split in the same proportions, each shuffled."""
+    parts: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] = ([], [], [])
     for cls in labels.unique():
-        members = perm[labels[perm] == cls]
-        position[members] = torch.arange(len(members), dtype=torch.float32) / len(members)
-    jitter = torch.rand(len(labels), generator=gen) * 1e-6
-    return torch.argsort(position + jitter)
+        members = torch.nonzero(labels == cls).flatten()
+        members = members[torch.randperm(len(members), generator=gen)]
+        n_test, n_val = round(len(members) * test_fraction), round(len(members) * val_fraction)
+        for part, chunk in zip(
+            parts,
+            (members[:n_test], members[n_test : n_test + n_val], members[n_test + n_val :]),
+            strict=True,
+        ):
+            part.append(chunk)
+    test, val, train = (torch.cat(p) for p in parts)
+    # shuffle across classes: nothing downstream should see the samples grouped by class
+    return tuple(p[torch.randperm(len(p), generator=gen)] for p in (test, val, train))
 
 
 def hide_labels(data: ArrayData, label_fraction: float, seed: int) -> ArrayData:

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from stillroom.models.mlp import dense_stack
+
 
 class SmallCNN(nn.Module):
     """[Conv3x3 -> BatchNorm -> ReLU -> (MaxPool2 while the map is > 4 px)] per channel entry,
@@ -49,13 +51,7 @@ class SmallCNN(nn.Module):
                 height, width = height // 2, width // 2
             in_ch = out_ch
         self.features = nn.Sequential(*blocks)
-        head: list[nn.Module] = [nn.Flatten()]
-        flat = in_ch * height * width
-        for h in hidden:
-            head += [nn.Linear(flat, h), nn.ReLU(), nn.Dropout(dropout)]
-            flat = h
-        head.append(nn.Linear(flat, num_outputs))
-        self.head = nn.Sequential(*head)
+        self.head = dense_stack(in_ch * height * width, hidden, num_outputs, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (N, F) flat features -> (N, C, H, W) images when F == C * H * W

@@ -8,6 +8,19 @@ import torch
 from torch import nn
 
 
+def dense_stack(
+    in_features: int, hidden: list[int], num_outputs: int, dropout: float
+) -> nn.Sequential:
+    """Flatten -> [Linear -> ReLU -> Dropout] per hidden width -> Linear(num_outputs)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
+        width = h
+    layers.append(nn.Linear(width, num_outputs))
+    return nn.Sequential(*layers)
+
+
 class MLP(nn.Module):
     """Flatten -> [Linear -> ReLU -> Dropout] * len(hidden) -> Linear.
 
@@ -26,13 +39,7 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Flatten()]
-        width = math.prod(input_shape)
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
-            width = h
-        layers.append(nn.Linear(width, num_outputs))
-        self.net = nn.Sequential(*layers)
+        self.net = dense_stack(math.prod(input_shape), hidden, num_outputs, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
