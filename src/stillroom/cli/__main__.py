@@ -1,0 +1,5 @@
+"""`python -m stillroom.cli` is the `stillroom` command."""
+
+from stillroom.cli import main
+
+main()

@@ -1,0 +1,80 @@
+"""`stillroom demo`, `stillroom distill RECIPE`, `stillroom check RECIPE`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stillroom.cli.common import (
+    ForceOption,
+    OutOption,
+    OverridesArg,
+    ProgressOption,
+    console,
+    fresh_run_dir,
+    results_table,
+)
+from stillroom.config import dump_recipe, load_recipe
+from stillroom.errors import StillroomError
+
+
+def demo(
+    overrides: OverridesArg = None,
+    out: OutOption = None,
+    seed: Annotated[int, typer.Option(help="seed for data splits, initialisation and order")] = 0,
+    force: ForceOption = False,
+    progress: ProgressOption = True,
+) -> None:
+    """Distil a CNN into a 31x smaller MLP on built-in digits, with all labels and with 5% of them."""
+    from stillroom.demo import FEW_LABEL_FRACTION, run_demo
+
+    run_dir = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    fresh_run_dir(run_dir, force)
+    started = time.perf_counter()
+    result = run_demo(run_dir, seed=seed, progress=progress, overrides=overrides or [])
+    titles = {
+        "all_labels": "(a) all labels: the student sees every training label",
+        "few_labels": f"(b) few labels: the student sees {FEW_LABEL_FRACTION:.0%} of the labels, "
+        "the teacher soft-labels every training input",
+    }
+    for name, setting in result.settings.items():
+        console.print(results_table(titles[name], setting))
+        console.print()
+    console.print(f"finished in {time.perf_counter() - started:.0f} s; run folder: {run_dir}")
+    for name in result.settings:
+        console.print(f"  {run_dir / name / 'results.md'}  (plots: curves.png, size_vs_metric.png)")
+
+
+def distill_command(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/digits.yaml")],
+    overrides: OverridesArg = None,
+    out: OutOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out")] = False,
+    force: ForceOption = False,
+    progress: ProgressOption = True,
+) -> None:
+    """Run a recipe: teacher, soft targets, scratch and distilled students, comparison table."""
+    from stillroom.pipeline import run_recipe
+
+    resolved = load_recipe(recipe, overrides or [])
+    run_dir = out or Path("runs") / resolved.name
+    if resume and force:
+        raise StillroomError("--resume and --force contradict each other; pass one")
+    if not resume:
+        fresh_run_dir(run_dir, force)
+    result = run_recipe(resolved, run_dir, resume=resume, progress=progress)
+    console.print(results_table(f"{resolved.name}: test set", result))
+    console.print(f"run folder: {run_dir}\n  {run_dir / 'results.md'}")
+
+
+def check(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe to validate")],
+    overrides: OverridesArg = None,
+) -> None:
+    """Validate a recipe and print it resolved, defaults included."""
+    console.print(
+        dump_recipe(load_recipe(recipe, overrides or [])), end="", markup=False, highlight=False
+    )
