@@ -19,6 +19,7 @@ from stillroom.errors import StillroomError
 from stillroom.io import atomic_save_tensors, atomic_write_text
 from stillroom.models.cnn import SmallCNN
 from stillroom.models.mlp import MLP
+from stillroom.models.resnet import ResNet
 
 
 def _build_mlp(spec: dict[str, Any], input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
@@ -35,9 +36,19 @@ def _build_cnn(spec: dict[str, Any], input_shape: tuple[int, ...], num_outputs: 
     )
 
 
+def _build_resnet(
+    spec: dict[str, Any], input_shape: tuple[int, ...], num_outputs: int
+) -> nn.Module:
+    # one int means that many blocks in every stage, so a spec can change widths alone
+    blocks = spec.get("blocks", 1)
+    blocks = blocks if isinstance(blocks, int) else list(blocks)
+    return ResNet(input_shape, list(spec.get("widths", [16, 32, 64])), blocks, num_outputs)
+
+
 MODELS: dict[str, Callable[[dict[str, Any], tuple[int, ...], int], nn.Module]] = {
     "mlp": _build_mlp,
     "cnn": _build_cnn,
+    "resnet": _build_resnet,
 }
 """Every architecture a recipe's `kind` may name."""
 
@@ -110,6 +121,7 @@ def load_model(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
 __all__ = [
     "MLP",
     "MODELS",
+    "ResNet",
     "SmallCNN",
     "build_model",
     "count_parameters",
