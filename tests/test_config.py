@@ -63,9 +63,9 @@ def test_bad_values_fail_with_the_field_path(overrides: list[str], expected: str
 
 def test_unknown_key_lists_the_allowed_keys(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
-    path.write_text("student:\n  widths: [8]\n")
+    path.write_text("student:\n  width: [8]\n")
     with pytest.raises(
-        StillroomError, match=r"unknown key 'student.widths'.*Allowed here: kind, hidden"
+        StillroomError, match=r"unknown key 'student.width'; did you mean 'widths'\?.*Allowed here: kind, hidden"
     ):
         load_recipe(path)
 

@@ -434,5 +434,6 @@ def test_metrics_records_and_blend(digits, make_mlp, tmp_path, alpha):
         blend = alpha * r["train/distillation"] + (1 - alpha) * r["train/hard_label"]
         assert r["train/loss"] == pytest.approx(blend, rel=1e-6, abs=1e-9)
         assert r["train/hard_label"] > 0
-        assert (r["train/distillation"] > 0) == (alpha > 0)
+        # with a teacher present the distillation term is logged even at alpha=0, as a monitor
+        assert r["train/distillation"] > 0
     assert json.loads((run_dir / "train_args.json").read_text())["alpha"] == alpha

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from stillroom.losses import (
-    DISTILLATION_TERMS,
     HARD_LABEL_TERMS,
     IGNORE_INDEX,
     blend,
@@ -311,20 +310,6 @@ def test_distillation_loss_is_blend_of_soft_targets_and_cross_entropy(alpha):
 
 
 # ---------------------------------------------------------------- the tables
-
-
-def test_distillation_terms_call_the_right_functions():
-    student, teacher = logits(4, 6, seed=34), logits(4, 6, seed=35)
-    torch.testing.assert_close(
-        DISTILLATION_TERMS["soft_target"](student, teacher, 3.0),
-        reference_soft_target(student, teacher, 3.0),
-    )
-    # regression distillation has no temperature: it must not change the value
-    for temperature in (1.0, 4.0):
-        torch.testing.assert_close(
-            DISTILLATION_TERMS["regression"](student, teacher, temperature),
-            F.mse_loss(student, teacher),
-        )
 
 
 def test_hard_label_terms_call_the_right_functions():

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stillroom.errors import StillroomError
+from stillroom.objective import TermSpec
 from stillroom.train.args import TrainArgs
 
 
@@ -44,15 +45,21 @@ class DataSection(_Section):
 
 
 class ModelSection(_Section):
-    kind: Literal["mlp", "cnn"] = Field(
+    kind: Literal["mlp", "cnn", "resnet"] = Field(
         "mlp", description="architecture from stillroom.models.MODELS"
     )
-    hidden: list[int] = Field([64], description="widths of the fully connected hidden layers")
+    hidden: list[int] = Field(
+        [64], description="widths of the fully connected hidden layers (mlp, cnn)"
+    )
     channels: list[int] = Field([32, 64], description="conv channels per block (cnn only)")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    widths: list[int] = Field([16, 32, 64], description="channels per stage (resnet only)")
+    blocks: list[int] = Field([1, 1, 1], description="residual blocks per stage (resnet only)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout after hidden layers (mlp, cnn)")
 
     def spec(self) -> dict[str, Any]:
         """The JSON-able spec `stillroom.models.build_model` takes."""
+        if self.kind == "resnet":
+            return {"kind": "resnet", "widths": self.widths, "blocks": self.blocks}
         spec: dict[str, Any] = {"kind": self.kind, "hidden": self.hidden, "dropout": self.dropout}
         if self.kind == "cnn":
             spec["channels"] = self.channels
@@ -75,7 +82,7 @@ class TrainSection(_Section):
 
 
 class TeacherSection(ModelSection):
-    kind: Literal["mlp", "cnn"] = "cnn"
+    kind: Literal["mlp", "cnn", "resnet"] = "cnn"
     hidden: list[int] = [128]
     checkpoint: Path | None = Field(
         None,
@@ -85,6 +92,54 @@ class TeacherSection(ModelSection):
     train: TrainSection = TrainSection(epochs=20)
 
 
+class TermSection(_Section):
+    """One extra weighted term of the objective (see stillroom.objective.TERMS)."""
+
+    kind: Literal[
+        "soft_target",
+        "regression",
+        "dkd",
+        "hard_label",
+        "hint",
+        "attention_transfer",
+        "hidden_state",
+        "attention_map",
+        "rkd_distance",
+        "rkd_angle",
+    ]
+    weight: float = Field(1.0, ge=0, description="the term's weight in the summed loss")
+    student: str | None = Field(
+        None,
+        description="student module name (named_modules()); 'layers.*' pairs numbered children",
+    )
+    teacher: str | None = Field(None, description="teacher module name, as for student")
+    temperature: float | None = Field(
+        None, gt=0, description="soft_target/dkd; default distill.temperature"
+    )
+    dkd_alpha: float = Field(1.0, ge=0, description="dkd: weight of the target-class term")
+    dkd_beta: float = Field(8.0, ge=0, description="dkd: weight of the non-target-class term")
+    p: float = Field(2.0, gt=0, description="attention_transfer: power of the attention map")
+    similarity: Literal["mse", "cosine"] = Field(
+        "mse", description="hidden_state: MSE or 1 - cosine"
+    )
+    layer_map: list[tuple[int, int]] | None = Field(
+        None, description="explicit (student index, teacher index) pairs for 'x.*' names"
+    )
+    name: str | None = Field(
+        None, description="log name (train/<name>); default kind:student->teacher"
+    )
+
+    @model_validator(mode="after")
+    def _layers_given(self) -> TermSection:
+        if self.kind in ("hint", "attention_transfer", "hidden_state", "attention_map") and not (
+            self.student and self.teacher
+        ):
+            raise ValueError(
+                f"a '{self.kind}' term needs both 'student' and 'teacher' module names"
+            )
+        return self
+
+
 class DistillSection(TrainSection):
     epochs: int = Field(60, ge=1)
     lr: float = Field(1e-2, gt=0)
@@ -92,8 +147,14 @@ class DistillSection(TrainSection):
         0.9, ge=0, le=1, description="weight of the distillation term; 1 - alpha weights the labels"
     )
     temperature: float = Field(4.0, gt=0)
-    loss: Literal["soft_target", "regression"] = Field(
-        "soft_target", description="distillation term, from stillroom.losses.DISTILLATION_TERMS"
+    loss: Literal["soft_target", "regression", "dkd"] = Field(
+        "soft_target", description="the output distillation term weighted by alpha"
+    )
+    dkd_alpha: float = Field(1.0, ge=0, description="loss dkd: weight of the target-class term")
+    dkd_beta: float = Field(8.0, ge=0, description="loss dkd: weight of the non-target-class term")
+    terms: list[TermSection] = Field(
+        [],
+        description="extra weighted terms: hint, attention_transfer, hidden_state, attention_map, rkd_*, dkd",
     )
 
 
@@ -113,7 +174,18 @@ class Recipe(_Section):
 
     def train_args(self, section: TrainSection, task: str, **extra: Any) -> TrainArgs:
         """Plain TrainArgs for the loop from a training section (teacher.train or distill)."""
-        fields = section.model_dump()
+        fields = section.model_dump(exclude={"terms"})
+        if isinstance(section, DistillSection):
+            fields["terms"] = tuple(
+                TermSpec(
+                    **{
+                        **term.model_dump(exclude={"temperature", "layer_map"}),
+                        "temperature": term.temperature or section.temperature,
+                        "layer_map": tuple(map(tuple, term.layer_map)) if term.layer_map else None,
+                    }
+                )
+                for term in section.terms
+            )
         fields.update(extra)
         return TrainArgs(**fields, task=task, seed=self.seed, cpu=self.cpu)
 

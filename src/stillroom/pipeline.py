@@ -35,6 +35,7 @@ from stillroom.errors import StillroomError
 from stillroom.io import atomic_write_json, atomic_write_text
 from stillroom.measure import format_bytes, model_costs
 from stillroom.models import build_model, load_model, save_model
+from stillroom.objective import tapped_layers
 from stillroom.teachers import CachedTeacher, generate_soft_targets
 from stillroom.train import TrainArgs, distill, evaluate, predict
 from stillroom.train.evaluate import METRICS
@@ -178,10 +179,14 @@ def run_recipe(
             resume,
         )
     kd_args = recipe.train_args(recipe.distill, task, progress=progress, description="distill")
+    # feature terms read the teacher's intermediate layers at every step: they need it live
+    kd_teacher = (
+        teacher if tapped_layers(list(kd_args.terms))[1] else CachedTeacher(soft_targets.outputs)
+    )
     students["student_kd"] = _train_phase(
         "student_kd",
         run_dir,
-        CachedTeacher(soft_targets.outputs),
+        kd_teacher,
         _build(student_spec, input_shape, num_outputs, recipe.seed),
         student_spec,
         student_train,

@@ -1,9 +1,21 @@
-"""Losses as pure functions over tensors, and the one table of distillation terms recipes can name."""
+"""Losses as pure functions over tensors. The table of term kinds a recipe can name is
+`stillroom.objective.TERMS`."""
 
 from collections.abc import Callable
 
 import torch
 
+from stillroom.losses.dkd import decoupled_kd_loss
+from stillroom.losses.features import (
+    Projector,
+    align_spatial,
+    attention_map_kl,
+    attention_transfer_loss,
+    hidden_state_loss,
+    hint_loss,
+    make_projector,
+    uniform_layer_map,
+)
 from stillroom.losses.logits import (
     IGNORE_INDEX,
     blend,
@@ -12,19 +24,7 @@ from stillroom.losses.logits import (
     regression_distillation_loss,
     soft_target_loss,
 )
-
-DistillationTerm = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
-"""(student_outputs, teacher_outputs, temperature) -> scalar loss."""
-
-DISTILLATION_TERMS: dict[str, DistillationTerm] = {
-    "soft_target": lambda student, teacher, temperature: soft_target_loss(
-        student, teacher, temperature
-    ),
-    "regression": lambda student, teacher, temperature: regression_distillation_loss(
-        student, teacher
-    ),
-}
-"""Every distillation term a recipe's `distill.loss` may name."""
+from stillroom.losses.relations import rkd_angle_loss, rkd_distance_loss
 
 HARD_LABEL_TERMS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "classification": hard_label_loss,
@@ -58,13 +58,23 @@ def distillation_loss(
 
 
 __all__ = [
-    "DISTILLATION_TERMS",
     "HARD_LABEL_TERMS",
     "IGNORE_INDEX",
+    "Projector",
+    "align_spatial",
+    "attention_map_kl",
+    "attention_transfer_loss",
     "blend",
+    "decoupled_kd_loss",
     "distillation_loss",
     "hard_label_loss",
     "hard_target_loss",
+    "hidden_state_loss",
+    "hint_loss",
+    "make_projector",
     "regression_distillation_loss",
+    "rkd_angle_loss",
+    "rkd_distance_loss",
     "soft_target_loss",
+    "uniform_layer_map",
 ]

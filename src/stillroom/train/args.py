@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from stillroom.losses import DISTILLATION_TERMS, HARD_LABEL_TERMS
+from stillroom.losses import HARD_LABEL_TERMS
+from stillroom.objective import OUTPUT_KINDS, TERMS, TermSpec
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "constant")
@@ -16,7 +17,8 @@ PRECISIONS = ("no", "bf16", "fp16")
 class TrainArgs:
     """How to train one student (or a teacher, with alpha=0).
 
-    alpha weights the distillation term: `loss = alpha * distillation + (1 - alpha) * hard_label`.
+    alpha weights the distillation term: `loss = alpha * distillation + (1 - alpha) * hard_label`,
+    and `terms` adds further weighted terms (features, attention, relations, DKD) to that sum.
     """
 
     epochs: int = 20
@@ -28,6 +30,9 @@ class TrainArgs:
     alpha: float = 0.9
     temperature: float = 4.0
     loss: str = "soft_target"
+    dkd_alpha: float = 1.0
+    dkd_beta: float = 8.0
+    terms: tuple[TermSpec, ...] = ()
     task: str = "classification"
     patience: int | None = None
     grad_accum_steps: int = 1
@@ -64,9 +69,10 @@ class TrainArgs:
                 self.mixed_precision in PRECISIONS,
                 f"mixed_precision must be one of {PRECISIONS}, got {self.mixed_precision!r}",
             ),
-            (
-                self.loss in DISTILLATION_TERMS,
-                f"loss must be one of {tuple(DISTILLATION_TERMS)}, got {self.loss!r}",
+            (self.loss in OUTPUT_KINDS, f"loss must be one of {OUTPUT_KINDS}, got {self.loss!r}"),
+            *(
+                (spec.kind in TERMS, f"term kind must be one of {tuple(TERMS)}, got {spec.kind!r}")
+                for spec in self.terms
             ),
             (
                 self.task in HARD_LABEL_TERMS,

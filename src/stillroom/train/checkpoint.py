@@ -1,7 +1,8 @@
 """Training checkpoints: safetensors for tensors, JSON for everything else, never a pickle.
 
 Layout under `<run>/checkpoints/`:
-    epoch-0007/model.safetensors      student weights
+    epoch-0007/model.safetensors      student weights (loadable as the student alone)
+    epoch-0007/objective.safetensors  learned parts of the objective (projectors), when there are any
     epoch-0007/optimizer.safetensors  optimizer tensors (moments, steps) and the torch RNG state
     epoch-0007/state.json             optimizer scalars and param groups, scheduler, epoch, step,
                                       early-stopping state, metric history
@@ -60,6 +61,7 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: dict[str, Any],
+    objective: nn.Module | None = None,
 ) -> Path:
     """Write the checkpoint after `epoch` (1-based count of finished epochs); returns its folder."""
     root = Path(root)
@@ -69,6 +71,8 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-write
     tmp.mkdir()
     atomic_save_tensors(model.state_dict(), tmp / "model.safetensors")
+    if objective is not None and len(objective.state_dict()) > 0:
+        atomic_save_tensors(objective.state_dict(), tmp / "objective.safetensors")
     opt_tensors, opt_meta = _optimizer_split(optimizer.state_dict())
     opt_tensors["rng.torch"] = torch.get_rng_state()
     atomic_save_tensors(opt_tensors, tmp / "optimizer.safetensors")
@@ -107,10 +111,13 @@ def load_checkpoint(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    objective: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG in place; returns the saved training state."""
     state = json.loads((folder / "state.json").read_text())
     model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    if objective is not None and len(objective.state_dict()) > 0:
+        objective.load_state_dict(load_file(str(folder / "objective.safetensors")))
     opt_tensors = load_file(str(folder / "optimizer.safetensors"))
     torch.set_rng_state(opt_tensors.pop("rng.torch"))
     optimizer.load_state_dict(_optimizer_join(opt_tensors, state["optimizer"]))

@@ -28,8 +28,15 @@ from torch.utils.data import DataLoader
 
 from stillroom.errors import NonFiniteLossError, StillroomError
 from stillroom.io import atomic_save_tensors, atomic_write_json
-from stillroom.losses import DISTILLATION_TERMS, HARD_LABEL_TERMS
-from stillroom.teachers import Teacher, as_teacher
+from stillroom.objective import (
+    ObjectiveStudent,
+    StepOutputs,
+    build_objective,
+    classic_terms,
+    tapped_layers,
+)
+from stillroom.taps import Taps
+from stillroom.teachers import FrozenTeacher, Teacher, as_teacher
 from stillroom.train.args import TrainArgs
 from stillroom.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from stillroom.train.evaluate import METRICS, evaluate, is_better
@@ -74,16 +81,21 @@ def distill(
         run_dir: where checkpoints, metrics.jsonl, TensorBoard logs and best.safetensors go.
             None keeps everything in memory (no resume).
         resume: continue from the last checkpoint in `run_dir`.
-        args / overrides: a `TrainArgs`, and/or its fields as keywords (alpha=0.9, epochs=10, ...).
+        args / overrides: a `TrainArgs`, and/or its fields as keywords (alpha=0.9, epochs=10,
+            terms=[TermSpec("hint", student="net.2", teacher="head.1")], ...).
 
     Returns:
         DistillResult with the student at its best validation epoch.
     """
     args = replace(args or TrainArgs(), **overrides) if overrides else (args or TrainArgs())
-    if teacher is None and args.alpha > 0:
+    if len(train_loader) == 0:
+        raise StillroomError("the training loader yields no batches; the training set is empty")
+    specs = classic_terms(args.alpha, args.temperature, args.loss, args.dkd_alpha, args.dkd_beta)
+    specs += list(args.terms)
+    if teacher is None and any(s.weight > 0 and s.kind != "hard_label" for s in specs):
         raise StillroomError(
-            f"alpha={args.alpha} weights a distillation term but no teacher was given; "
-            "pass a teacher or set alpha=0 to train on labels alone"
+            f"alpha={args.alpha} (or an extra term) weights a distillation term but no teacher "
+            "was given; pass a teacher, or set alpha=0 and no terms to train on labels alone"
         )
     run_dir = Path(run_dir) if run_dir is not None else None
     ckpt_root = run_dir / "checkpoints" if run_dir else None
@@ -95,18 +107,26 @@ def distill(
         gradient_accumulation_steps=args.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
-    set_seed(args.seed)
-    distill_term, hard_term = DISTILLATION_TERMS[args.loss], HARD_LABEL_TERMS[args.task]
     frozen = as_teacher(teacher).to(accelerator.device) if teacher is not None else None
-    if len(train_loader) == 0:
-        raise StillroomError("the training loader yields no batches; the training set is empty")
+    teacher_module = frozen.module if isinstance(frozen, FrozenTeacher) else None
+    # feature terms are sized from one example batch; drawing it may consume the global RNG, so
+    # the seed is fixed after the draw and before projectors are initialised
+    student_patterns, teacher_patterns = tapped_layers(specs)
+    example = _unpack(next(iter(train_loader)))[0] if student_patterns or teacher_patterns else None
+    set_seed(args.seed)
+    terms = build_objective(specs, args.task, student, teacher_module, example)
+    teacher_layers = list(
+        dict.fromkeys(layer for t in terms if t.weight > 0 for layer in t.teacher_layers)
+    )
+    model = ObjectiveStudent(student, [t for t in terms if t.weight > 0])
 
-    optimizer = _build_optimizer(student, args)
+    optimizer = _build_optimizer(model, args)
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
     scheduler = _build_scheduler(optimizer, args, steps_per_epoch * args.epochs)
-    student, optimizer, train_loader = accelerator.prepare(student, optimizer, train_loader)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
+    inner = accelerator.unwrap_model(model)
 
     metric, _ = METRICS[args.task]
     state: dict[str, Any] = {
@@ -119,7 +139,7 @@ def distill(
     start_epoch = 0
     checkpoint = latest_checkpoint(ckpt_root) if (resume and ckpt_root) else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, accelerator.unwrap_model(student), optimizer, scheduler)
+        state = load_checkpoint(checkpoint, inner.student, optimizer, scheduler, inner.projectors)
         start_epoch = state["epoch"]
     log = MetricsLog(run_dir if accelerator.is_main_process else None, state["history"])
     if run_dir and accelerator.is_main_process:
@@ -137,28 +157,33 @@ def distill(
             # re-seed from (seed, epoch): dropout masks and data order replay exactly after a resume
             set_seed(args.seed * 100_003 + epoch)
             train_loader.set_epoch(epoch)
-            student.train()
+            model.train()
             started = time.perf_counter()
-            sums = {"loss": 0.0, "distillation": 0.0, "hard_label": 0.0}
+            sums = dict.fromkeys(["loss", *(t.name for t in terms)], 0.0)
             seen = 0
             for batch in train_loader:
                 inputs, targets, index = _unpack(batch)
-                with accelerator.accumulate(student):
-                    outputs = _match(student(inputs), targets, args.task)
-                    if frozen is not None and args.alpha > 0:
-                        teacher_outputs = _match(frozen(inputs, index), targets, args.task)
-                        # before the hard-label term: a student with fewer classes than the labels
-                        # would otherwise fail inside cross_entropy with a bare IndexError
-                        _check_shapes(outputs, teacher_outputs)
-                        kd = distill_term(outputs, teacher_outputs, args.temperature)
-                    else:
-                        kd = torch.zeros((), device=outputs.device)
-                    hard = hard_term(outputs, targets)
-                    loss = args.alpha * kd + (1.0 - args.alpha) * hard
-                    _check_finite(loss, kd, hard, state["step"], epoch, ckpt_root)
+                with accelerator.accumulate(model):
+                    outputs, student_features = model(inputs)
+                    step = StepOutputs(
+                        _match(outputs, targets, args.task), None, targets, student_features
+                    )
+                    if frozen is not None:
+                        step.teacher, step.teacher_features = _teacher_step(
+                            frozen, teacher_layers, inputs, index, targets, args.task
+                        )
+                        _check_shapes(step.student, step.teacher)
+                    # the objective, as arithmetic: sum of weight * term; weight-0 terms only logged
+                    values = {
+                        t.name: t.compute(step)
+                        for t in terms
+                        if frozen is not None or not t.needs_teacher
+                    }
+                    loss = sum(t.weight * values[t.name] for t in terms if t.weight > 0)
+                    _check_finite(loss, values, state["step"], epoch, ckpt_root)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and args.max_grad_norm:
-                        accelerator.clip_grad_norm_(student.parameters(), args.max_grad_norm)
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()
                     if accelerator.sync_gradients:
                         scheduler.step()
@@ -166,8 +191,9 @@ def distill(
                     optimizer.zero_grad()
                 n = len(inputs)
                 seen += n
-                for key, value in (("loss", loss), ("distillation", kd), ("hard_label", hard)):
-                    sums[key] += value.item() * n
+                sums["loss"] += loss.item() * n
+                for name, value in values.items():
+                    sums[name] += value.item() * n
                 progress.update(
                     task_id, advance=1, status=f"epoch {epoch + 1} loss {sums['loss'] / seen:.4f}"
                 )
@@ -183,7 +209,9 @@ def distill(
                 record.update(
                     {
                         f"val/{k}": v
-                        for k, v in evaluate(student, val_loader, args.task, accelerator).items()
+                        for k, v in evaluate(
+                            inner.student, val_loader, args.task, accelerator
+                        ).items()
                     }
                 )
             value = record.get(f"val/{metric}")
@@ -191,11 +219,9 @@ def distill(
             if improved:
                 state.update(best_value=value, best_epoch=epoch + 1, bad_epochs=0)
                 if run_dir and accelerator.is_main_process:
-                    atomic_save_tensors(
-                        accelerator.unwrap_model(student).state_dict(), run_dir / BEST
-                    )
+                    atomic_save_tensors(inner.student.state_dict(), run_dir / BEST)
                 else:
-                    state["best_weights"] = _snapshot(accelerator.unwrap_model(student))
+                    state["best_weights"] = _snapshot(inner.student)
             else:
                 state["bad_epochs"] += 1
             stopped_early = args.patience is not None and state["bad_epochs"] >= args.patience
@@ -209,22 +235,24 @@ def distill(
                 progress.update(task_id, status=status)
             if ckpt_root and accelerator.is_main_process:
                 saved = {k: v for k, v in state.items() if k != "best_weights"}
+                # student and projectors: a resumed run continues both
                 save_checkpoint(
                     ckpt_root,
                     epoch + 1,
-                    accelerator.unwrap_model(student),
+                    inner.student,
                     optimizer,
                     scheduler,
                     saved,
+                    inner.projectors,
                 )
 
-    model = accelerator.unwrap_model(student)
+    trained = inner.student
     if run_dir and (run_dir / BEST).is_file():
-        model.load_state_dict(load_file(str(run_dir / BEST)))
+        trained.load_state_dict(load_file(str(run_dir / BEST)))
     elif "best_weights" in state:
-        model.load_state_dict(state["best_weights"])
+        trained.load_state_dict(state["best_weights"])
     return DistillResult(
-        student=model,
+        student=trained,
         history=log.records,
         metric=metric,
         best_epoch=state["best_epoch"],
@@ -232,6 +260,25 @@ def distill(
         stopped_early=stopped_early,
         run_dir=run_dir,
     )
+
+
+def _teacher_step(
+    frozen: Teacher,
+    layers: list[str],
+    inputs: torch.Tensor,
+    index: torch.Tensor | None,
+    targets: torch.Tensor,
+    task: str,
+) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The teacher's outputs for this batch, and its tapped features (a live teacher only)."""
+    if not layers:
+        return _match(frozen(inputs, index), targets, task), {}
+    assert isinstance(frozen, FrozenTeacher)
+    with Taps(frozen.module, layers) as taps:
+        outputs = frozen(inputs, index)
+        # clone out of inference mode: the loss saves these tensors for the student's backward
+        features = {name: value.clone() for name, value in taps.outputs.items()}
+    return _match(outputs, targets, task), features
 
 
 def _check_run_dir(run_dir: Path | None, resume: bool) -> None:
@@ -275,8 +322,9 @@ def _match(outputs: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Ten
     return outputs
 
 
-def _check_shapes(student_outputs: torch.Tensor, teacher_outputs: torch.Tensor) -> None:
-    if student_outputs.shape != teacher_outputs.shape:
+def _check_shapes(student_outputs: torch.Tensor, teacher_outputs: Any) -> None:
+    # structured teacher outputs (top-k targets) are checked by their own loss
+    if isinstance(teacher_outputs, torch.Tensor) and student_outputs.shape != teacher_outputs.shape:
         raise StillroomError(
             f"student outputs {tuple(student_outputs.shape)} but teacher outputs "
             f"{tuple(teacher_outputs.shape)}: give the student the teacher's number of outputs "
@@ -286,8 +334,7 @@ def _check_shapes(student_outputs: torch.Tensor, teacher_outputs: torch.Tensor) 
 
 def _check_finite(
     loss: torch.Tensor,
-    kd: torch.Tensor,
-    hard: torch.Tensor,
+    values: dict[str, torch.Tensor],
     step: int,
     epoch: int,
     ckpt_root: Path | None,
@@ -295,11 +342,7 @@ def _check_finite(
     """Stop before a NaN/inf reaches the weights, naming the step and the term that went bad."""
     if torch.isfinite(loss):
         return
-    bad = [
-        name
-        for name, term in (("distillation", kd), ("hard_label", hard))
-        if not torch.isfinite(term)
-    ]
+    bad = [name for name, value in values.items() if not torch.isfinite(value)]
     where = (
         f"the last good checkpoint is in {ckpt_root}" if ckpt_root else "no checkpoint was written"
     )
