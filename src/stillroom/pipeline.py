@@ -163,7 +163,7 @@ def run_recipe(
     students: dict[str, torch.nn.Module] = {}
     if recipe.baseline:
         scratch_args = recipe.train_args(
-            recipe.distill, task, alpha=0.0, progress=progress, description="scratch"
+            recipe.distill, task, alpha=0.0, terms=(), progress=progress, description="scratch"
         )
         # without a teacher only the labelled samples carry any signal
         students["student_scratch"] = _train_phase(
