@@ -1,0 +1,199 @@
+"""`build_report`: measure every model of a run folder on this machine, draw the figures, and write
+report.json, the PNGs and one self-contained report.html.
+
+Report folder (default RUN_DIR/report/):
+    report.html     the report: tables and every figure embedded as base64 PNG, no external links
+    report.json     every number in the report (models, exports, curves, machine, timing settings)
+    tradeoff.png    task metric against CPU latency, every model of the run (and its exports)
+    costs.png       parameters, size on disk, peak memory and latency side by side
+    curves.png      every train/* and val/* series of every phase's metrics.jsonl
+    reliability.png classification: confidence against accuracy, with ECE (15 bins)
+    per_class.png   classification: test accuracy per class
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stillroom.errors import StillroomError
+from stillroom.export.formats import MANIFEST, ONNX, ONNX_INT8, WEIGHTS
+from stillroom.export.run_folder import RunFolder, open_run
+from stillroom.io import atomic_write_json, atomic_write_text
+from stillroom.models import count_parameters
+from stillroom.pipeline import gap_closed
+from stillroom.report.figures import write_figures
+from stillroom.report.html import render_html
+from stillroom.report.numbers import (
+    ECE_BINS,
+    TIMING,
+    Timing,
+    agreement,
+    machine,
+    quality,
+    reliability,
+    retention,
+    timed,
+    torch_costs,
+    torch_threads,
+)
+from stillroom.train.evaluate import METRICS
+
+NOTES = {
+    "latency": "wall-clock time of one forward pass on the CPU (eval mode, torch.inference_mode), "
+    "on real test inputs, after untimed warm-up calls; p50/p95 over the timed repetitions. "
+    "Throughput = batch size / p50. Speed-up = teacher p50 / model p50 at the same batch size.",
+    "peak_memory": "weights (every parameter and buffer) + the peak bytes torch's CPU allocator "
+    "holds during one forward pass of the large batch beyond what it held before (activations, "
+    "outputs, kernel workspaces), read from the torch profiler's allocation events. Process "
+    "overhead (the Python interpreter, torch itself) is not included. Not measured for onnxruntime.",
+    "size_on_disk": "bytes of the model's file: model.safetensors for PyTorch models, the .onnx "
+    "file for exports",
+    "ece": f"expected calibration error over {ECE_BINS} equal-width bins of top-1 softmax "
+    "confidence: sum over bins of (bin share) * |accuracy - mean confidence|",
+    "retention": "student / teacher for accuracy; teacher / student for rmse (lower is better); "
+    "1.0 matches the teacher",
+    "gap_closed": "(kd - scratch) / (teacher - scratch) on the test metric",
+}
+
+
+def build_report(run_dir: Path, out_dir: Path | None = None, timing: Timing = TIMING) -> Path:
+    """Write the compression report of `run_dir` into `out_dir` (default RUN_DIR/report) and
+    return the path of report.html. Files of an earlier report there are replaced."""
+    run = open_run(Path(run_dir), required=("teacher", "student_kd"))
+    out = Path(out_dir) if out_dir is not None else run.path / "report"
+    if out.exists() and not out.is_dir():
+        raise StillroomError(f"{out} is a file; choose a folder for the report with --out")
+    out.mkdir(parents=True, exist_ok=True)
+    with torch_threads(timing.threads):
+        numbers = measure_run(run, timing)
+    figures = write_figures(numbers, out)
+    numbers["figures"] = {name: path.name for name, path in figures.items()}
+    atomic_write_json(out / "report.json", numbers)
+    atomic_write_text(out / "report.html", render_html(numbers, figures))
+    return out / "report.html"
+
+
+def measure_run(run: RunFolder, timing: Timing) -> dict[str, Any]:
+    """Every number of the report, JSON-able."""
+    task, metric = run.task, run.metric
+    higher_is_better = METRICS[task][1] == "max"
+    test = run.test
+    models = {role: run.load(role)[0] for role in run.roles}
+    outputs = {role: _predict(model, test.inputs) for role, model in models.items()}
+    teacher_outputs = outputs["teacher"] if task == "classification" else None
+    large = f"batch_{timing.large_batch}"
+
+    rows: dict[str, dict[str, Any]] = {}
+    for role, model in models.items():
+        rows[role] = {
+            **quality(outputs[role], test.targets, task, _unless_teacher(role, teacher_outputs)),
+            "parameters": count_parameters(model),
+            "size_bytes": (run.path / role / WEIGHTS).stat().st_size,
+            **torch_costs(model, test.inputs, timing),
+        }
+    exports, exports_note = measure_exports(run, teacher_outputs, timing)
+    teacher = rows["teacher"]
+    for row in [*rows.values(), *exports.values()]:
+        row["retention"] = (
+            retention(row[metric], teacher[metric], higher_is_better) if teacher[metric] else None
+        )
+        row["speedup_vs_teacher"] = {
+            key: teacher[f"latency_{key}"]["p50_ms"] / row[f"latency_{key}"]["p50_ms"]
+            for key in ("batch_1", large)
+        }
+        row["compression_vs_teacher"] = teacher["parameters"] / row["parameters"]
+    return {
+        "name": run.recipe.name,
+        "run_dir": str(run.path.resolve()),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "task": task,
+        "metric": metric,
+        "higher_is_better": higher_is_better,
+        "test_samples": len(test),
+        "num_outputs": test.num_outputs,
+        "gap_closed": gap_closed(rows, metric) if "student_scratch" in rows else None,
+        "models": rows,
+        "exports": exports,
+        "exports_note": exports_note,
+        "curves": read_curves(run.path, run.roles),
+        "measurement": {"machine": machine(), "timing": timing.as_dict(), "notes": NOTES},
+    }
+
+
+def measure_exports(
+    run: RunFolder, teacher_outputs: torch.Tensor | None, timing: Timing
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """The ONNX files of RUN_DIR/export (when `stillroom export` wrote them from this run's current
+    student), measured through onnxruntime like the PyTorch models; and a line saying which."""
+    folder = run.path / "export"
+    if not (folder / MANIFEST).is_file():
+        return {}, f"no export in {folder}: run `stillroom export {run.path} --int8` to add one"
+    manifest = json.loads((folder / MANIFEST).read_text())
+    source = manifest.get("source", {})
+    student = run.path / source.get("role", "student_kd") / WEIGHTS
+    exported = manifest["files"].get(WEIGHTS, {}).get("sha256")
+    if not student.is_file() or exported != hashlib.sha256(student.read_bytes()).hexdigest():
+        # the run was redone since the export: the exported numbers would describe another model
+        return (
+            {},
+            f"the export in {folder} is of an earlier student; rerun `stillroom export --force`",
+        )
+    from stillroom.export.formats import onnx_tools, run_in_chunks, run_onnx
+
+    tools = onnx_tools()
+    names = [spec["name"] for spec in manifest["inputs"]]
+    test = run.test
+    result = {}
+    for label, name in (("onnx_fp32", ONNX), ("onnx_int8", ONNX_INT8)):
+        if not (folder / name).is_file():
+            continue
+        session = tools.session(folder / name, threads=timing.threads)
+        outputs = run_in_chunks(lambda x, s=session: run_onnx(s, names, (x,)), (test.inputs,))
+        row: dict[str, Any] = {
+            "file": str(folder / name),
+            run.metric: quality(outputs, test.targets, run.task, None)[run.metric],
+            "parameters": manifest["model"]["parameters"],
+            "size_bytes": (folder / name).stat().st_size,
+            **timed(lambda x, s=session: run_onnx(s, names, (x,)), test.inputs, timing),
+        }
+        if teacher_outputs is not None:
+            row["teacher_agreement"] = agreement(outputs, teacher_outputs)
+            row["ece"] = reliability(outputs, test.targets)["ece"]
+        result[label] = row
+    return result, f"exports measured through onnxruntime from {folder}"
+
+
+def read_curves(run_dir: Path, roles: tuple[str, ...]) -> dict[str, dict[str, list]]:
+    """{role: {"epoch": [...], "train/...": [...], "val/...": [...]}} from each role's
+    metrics.jsonl; every train/* and val/* key present is kept, so loss terms added later appear
+    without code changes (None where an epoch lacks a key). A teacher loaded from a checkpoint was
+    not trained in this run and has no entry."""
+    curves: dict[str, dict[str, list]] = {}
+    for role in roles:
+        path = Path(run_dir) / role / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not records:
+            continue
+        keys = sorted({k for r in records for k in r if k.startswith(("train/", "val/"))})
+        series: dict[str, list] = {"epoch": [r.get("epoch") for r in records]}
+        series.update({key: [r.get(key) for r in records] for key in keys})
+        curves[role] = series
+    return curves
+
+
+@torch.no_grad()
+def _predict(model: torch.nn.Module, inputs: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    return torch.cat([model(inputs[i : i + chunk]).float() for i in range(0, len(inputs), chunk)])
+
+
+def _unless_teacher(role: str, teacher_outputs: torch.Tensor | None) -> torch.Tensor | None:
+    # the teacher agrees with itself by definition: no agreement column for it
+    return None if role == "teacher" else teacher_outputs
