@@ -98,6 +98,9 @@ def test_distill_writes_a_complete_run_folder(few_label_run) -> None:
     assert {"train/loss", "train/distillation", "train/hard_label", "val/accuracy"} <= set(lines[0])
     assert "student_kd" in result.stdout and "gap closed" in result.stdout
     assert str(out / "results.md") in " ".join(result.stdout.split())
+    # the run ends with the compression report's path
+    assert result.stdout.strip().splitlines()[-1] == f"report: {out / 'report' / 'report.html'}"
+    assert (out / "report" / "report.html").is_file()
 
 
 def test_results_match_a_direct_measurement(few_label_run) -> None:
@@ -148,7 +151,9 @@ def test_existing_run_folder_is_never_overwritten(few_label_run) -> None:
 def test_resume_of_a_finished_run_changes_no_weights(few_label_run) -> None:
     out, _ = few_label_run
     weights = {r: (out / r / "model.safetensors").read_bytes() for r in ("teacher", "student_kd")}
-    result = stillroom("distill", FEW_LABELS, *TINY, "--out", out, "--resume", "--no-progress")
+    result = stillroom(
+        "distill", FEW_LABELS, *TINY, "--out", out, "--resume", "--no-progress", "--no-report"
+    )
     assert result.returncode == 0, result.stderr
     assert {r: (out / r / "model.safetensors").read_bytes() for r in weights} == weights
 
@@ -181,6 +186,8 @@ def test_demo_runs_both_settings(tmp_path: Path) -> None:
         out / "few_labels/teacher/model.safetensors"
     ).read_bytes()
     assert (out / "demo.md").is_file()
+    for setting in ("all_labels", "few_labels"):
+        assert f"report ({setting}): {out / setting / 'report' / 'report.html'}" in result.stdout
 
 
 def test_regression_recipe_runs(tmp_path: Path) -> None:
@@ -307,7 +314,9 @@ def test_interrupted_run_resumes_to_the_same_student(
     with pytest.raises(KeyboardInterrupt):
         run_recipe(load_recipe(FEW_LABELS, TINY), out, progress=False)
     assert not (out / "student_kd" / "model.safetensors").exists()
-    result = stillroom("distill", FEW_LABELS, *TINY, "--out", out, "--resume", "--no-progress")
+    result = stillroom(
+        "distill", FEW_LABELS, *TINY, "--out", out, "--resume", "--no-progress", "--no-report"
+    )
     assert result.returncode == 0, result.stderr
     for role in ("teacher", "student_scratch", "student_kd"):
         assert (out / role / "model.safetensors").read_bytes() == (

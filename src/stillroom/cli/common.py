@@ -20,6 +20,9 @@ err_console = Console(stderr=True)
 
 OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="run folder to create")]
 ForceOption = Annotated[bool, typer.Option("--force", help="replace an existing run folder")]
+ReportOption = Annotated[
+    bool, typer.Option("--report/--no-report", help="write the HTML compression report at the end")
+]
 ProgressOption = Annotated[
     bool, typer.Option("--progress/--no-progress", help="show progress bars")
 ]

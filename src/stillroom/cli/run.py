@@ -13,6 +13,7 @@ from stillroom.cli.common import (
     OutOption,
     OverridesArg,
     ProgressOption,
+    ReportOption,
     console,
     fresh_run_dir,
     results_table,
@@ -27,9 +28,11 @@ def demo(
     seed: Annotated[int, typer.Option(help="seed for data splits, initialisation and order")] = 0,
     force: ForceOption = False,
     progress: ProgressOption = True,
+    report: ReportOption = True,
 ) -> None:
     """Distil a CNN into a 31x smaller MLP on built-in digits, with all labels and with 5% of them."""
     from stillroom.demo import FEW_LABEL_FRACTION, run_demo
+    from stillroom.report import build_report
 
     run_dir = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     fresh_run_dir(run_dir, force)
@@ -43,9 +46,15 @@ def demo(
     for name, setting in result.settings.items():
         console.print(results_table(titles[name], setting))
         console.print()
+    reports = {name: build_report(run_dir / name) for name in result.settings} if report else {}
     console.print(f"finished in {time.perf_counter() - started:.0f} s; run folder: {run_dir}")
     for name in result.settings:
-        console.print(f"  {run_dir / name / 'results.md'}  (plots: curves.png, size_vs_metric.png)")
+        console.print(
+            f"  {run_dir / name / 'results.md'}  (plots: curves.png, size_vs_metric.png)",
+            soft_wrap=True,
+        )
+    for name, path in reports.items():
+        console.print(f"report ({name}): {path}", soft_wrap=True)
 
 
 def distill_command(
@@ -55,9 +64,11 @@ def distill_command(
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out")] = False,
     force: ForceOption = False,
     progress: ProgressOption = True,
+    report: ReportOption = True,
 ) -> None:
     """Run a recipe: teacher, soft targets, scratch and distilled students, comparison table."""
     from stillroom.pipeline import run_recipe
+    from stillroom.report import build_report
 
     resolved = load_recipe(recipe, overrides or [])
     run_dir = out or Path("runs") / resolved.name
@@ -67,7 +78,9 @@ def distill_command(
         fresh_run_dir(run_dir, force)
     result = run_recipe(resolved, run_dir, resume=resume, progress=progress)
     console.print(results_table(f"{resolved.name}: test set", result))
-    console.print(f"run folder: {run_dir}\n  {run_dir / 'results.md'}")
+    console.print(f"run folder: {run_dir}\n  {run_dir / 'results.md'}", soft_wrap=True)
+    if report:
+        console.print(f"report: {build_report(run_dir)}", soft_wrap=True)
 
 
 def check(
