@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+from common import machine, mean_std
 from stillroom.demo import FEW_LABEL_FRACTION, run_demo
 
 ROLES = {
@@ -26,23 +24,6 @@ ROLES = {
     "student_scratch": "student from labels only",
     "student_kd": "student distilled",
 }
-
-
-def mean_std(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} +- {std:.4f}"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, Python {platform.python_version()}"
 
 
 def main() -> None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +12,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers import ROOT, assert_user_error, stillroom, tree_digest
 from stillroom.config import load_recipe
 from stillroom.data import make_loader
 from stillroom.models import build_model, count_parameters, load_model
 from stillroom.pipeline import prepare_data
 from stillroom.train import evaluate
 
-ROOT = Path(__file__).parent.parent
 FEW_LABELS = ROOT / "recipes" / "digits_few_labels.yaml"
 TINY = [
     "teacher.channels=[4]",
@@ -29,32 +27,6 @@ TINY = [
     "student.hidden=[8]",
     "distill.epochs=3",
 ]
-
-
-def stillroom(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "stillroom.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=240,
-    )
-
-
-def tree_digest(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def assert_user_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    message = result.stderr.strip()
-    assert message.startswith("error: "), message
-    assert fragment in " ".join(message.split()), message
 
 
 @pytest.fixture(scope="module")

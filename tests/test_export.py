@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from helpers import assert_user_error, stillroom
 from stillroom.cli import app
 from stillroom.config import load_recipe
 from stillroom.errors import StillroomError
@@ -25,7 +26,6 @@ from stillroom.models import SmallCNN, load_model
 from stillroom.models.transformer import TinyTransformer
 from stillroom.pipeline import run_recipe
 
-ROOT = Path(__file__).parent.parent
 # export needs a trained student, not a good one: one epoch of each phase, large batches
 TINY = [
     "teacher.channels=[4]",
@@ -36,24 +36,6 @@ TINY = [
     "data.batch_size=256",
 ]
 FORMATS = ("safetensors", "torch_export", "onnx")
-
-
-def stillroom(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "stillroom.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=240,
-    )
-
-
-def assert_user_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    message = result.stderr.strip()
-    assert message.startswith("error: ") and len(message.splitlines()) == 1, message
-    assert fragment in message, message
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,6 +7,7 @@ from stillroom.losses import (
     regression_distillation_loss,
     soft_target_loss,
 )
+from stillroom.store import StoreTeacher, cache_teacher
 from stillroom.teachers import CachedTeacher, FrozenTeacher, generate_soft_targets
 from stillroom.train import DistillResult, TrainArgs, distill, evaluate
 
@@ -18,9 +19,11 @@ __all__ = [
     "FrozenTeacher",
     "NonFiniteLossError",
     "StillroomError",
+    "StoreTeacher",
     "TrainArgs",
     "__version__",
     "blend",
+    "cache_teacher",
     "distill",
     "distillation_loss",
     "evaluate",

@@ -89,6 +89,11 @@ class TeacherSection(ModelSection):
         description="a folder with model.json + model.safetensors written by stillroom (e.g. the "
         "teacher/ folder of an earlier run): load this teacher instead of training one",
     )
+    store: Path | None = Field(
+        None,
+        description="a soft-target store written by `stillroom cache` for this teacher and data: "
+        "the distilled student reads the teacher's outputs from it instead of computing them",
+    )
     train: TrainSection = TrainSection(epochs=20)
 
 
@@ -97,6 +102,7 @@ class TermSection(_Section):
 
     kind: Literal[
         "soft_target",
+        "topk_soft_target",
         "regression",
         "dkd",
         "hard_label",
@@ -147,7 +153,7 @@ class DistillSection(TrainSection):
         0.9, ge=0, le=1, description="weight of the distillation term; 1 - alpha weights the labels"
     )
     temperature: float = Field(4.0, gt=0)
-    loss: Literal["soft_target", "regression", "dkd"] = Field(
+    loss: Literal["soft_target", "topk_soft_target", "regression", "dkd"] = Field(
         "soft_target", description="the output distillation term weighted by alpha"
     )
     dkd_alpha: float = Field(1.0, ge=0, description="loss dkd: weight of the target-class term")

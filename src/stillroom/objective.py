@@ -24,6 +24,7 @@ from stillroom.losses import (
     HARD_LABEL_TERMS,
     regression_distillation_loss,
     soft_target_loss,
+    topk_soft_target_loss,
 )
 from stillroom.losses.dkd import decoupled_kd_loss
 from stillroom.losses.features import (
@@ -106,6 +107,12 @@ def _output_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
 
         def compute(step: StepOutputs) -> torch.Tensor:
             return soft_target_loss(step.student, step.teacher, temperature)
+
+    elif kind == "topk_soft_target":
+        temperature = spec.temperature
+
+        def compute(step: StepOutputs) -> torch.Tensor:
+            return topk_soft_target_loss(step.student, step.teacher, temperature, class_dim=1)
 
     elif kind == "regression":
 
@@ -254,6 +261,7 @@ def _relation_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
 
 TERMS: dict[str, Callable[[TermSpec, BuildContext], list[Term]]] = {
     "soft_target": _output_term,  # Hinton et al. 2015: KL(teacher_T || student_T) * T**2
+    "topk_soft_target": _output_term,  # the same from a top-k store: k classes + the tail mass
     "regression": _output_term,  # MSE to the teacher's outputs
     "dkd": _output_term,  # Zhao et al. 2022: alpha * TCKD + beta * NCKD
     "hard_label": _hard_label_term,  # cross-entropy (classification) or MSE (regression) to labels
@@ -268,7 +276,7 @@ TERMS: dict[str, Callable[[TermSpec, BuildContext], list[Term]]] = {
 
 FEATURE_KINDS = ("hint", "attention_transfer", "hidden_state", "attention_map")
 RELATION_KINDS = ("rkd_distance", "rkd_angle")
-OUTPUT_KINDS = ("soft_target", "regression", "dkd")
+OUTPUT_KINDS = ("soft_target", "topk_soft_target", "regression", "dkd")
 
 
 def classic_terms(

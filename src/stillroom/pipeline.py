@@ -36,6 +36,7 @@ from stillroom.io import atomic_write_json, atomic_write_text
 from stillroom.measure import format_bytes, model_costs
 from stillroom.models import build_model, load_model, save_model
 from stillroom.objective import tapped_layers
+from stillroom.store import StoreTeacher
 from stillroom.teachers import CachedTeacher, generate_soft_targets
 from stillroom.train import TrainArgs, distill, evaluate, predict
 from stillroom.train.evaluate import METRICS
@@ -68,11 +69,14 @@ def _build(
 
 
 def _check_task(recipe: Recipe, task: str) -> None:
-    wanted = {"classification": "soft_target", "regression": "regression"}[task]
-    if recipe.distill.loss != wanted:
+    fitting = {
+        "classification": ("soft_target", "topk_soft_target", "dkd"),
+        "regression": ("regression",),
+    }[task]
+    if recipe.distill.loss not in fitting:
         raise StillroomError(
             f"distill.loss '{recipe.distill.loss}' does not fit the {task} data of "
-            f"'{recipe.data.source}'; use distill.loss={wanted}"
+            f"'{recipe.data.source}'; use distill.loss={' or '.join(fitting)}"
         )
 
 
@@ -180,9 +184,13 @@ def run_recipe(
         )
     kd_args = recipe.train_args(recipe.distill, task, progress=progress, description="distill")
     # feature terms read the teacher's intermediate layers at every step: they need it live
-    kd_teacher = (
-        teacher if tapped_layers(list(kd_args.terms))[1] else CachedTeacher(soft_targets.outputs)
-    )
+    if tapped_layers(list(kd_args.terms))[1]:
+        kd_teacher: Any = teacher
+    elif recipe.teacher.store is not None:
+        # refuses a store made by another teacher or on other inputs, naming which differs
+        kd_teacher = StoreTeacher(recipe.teacher.store, teacher=teacher, data=student_train)
+    else:
+        kd_teacher = CachedTeacher(soft_targets.outputs)
     students["student_kd"] = _train_phase(
         "student_kd",
         run_dir,

@@ -1,7 +1,8 @@
 """Teachers as the loop sees them: a callable `(inputs, index) -> outputs`.
 
 `FrozenTeacher` runs a live module (eval mode, no gradients, inference mode); `CachedTeacher`
-looks up outputs computed once (soft targets generated ahead of training) by sample index.
+looks up outputs computed once (soft targets generated ahead of training) by sample index, in
+memory; `stillroom.store.StoreTeacher` does the same from a memory-mapped store on disk.
 Temperature is applied by the loss, never here, so one set of cached logits serves every T.
 """
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import typer
 
-from stillroom.cli import run
+from stillroom.cli import cache, export_cmd, report_cmd, run
 from stillroom.cli.common import err_console
 from stillroom.errors import StillroomError
 
@@ -19,6 +19,9 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "demo": run.demo,
     "distill": run.distill_command,
     "check": run.check,
+    "export": export_cmd.export_command,
+    "report": report_cmd.report_command,
+    "cache": cache.cache_command,
 }
 
 app = typer.Typer(

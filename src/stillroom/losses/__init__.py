@@ -25,6 +25,7 @@ from stillroom.losses.logits import (
     soft_target_loss,
 )
 from stillroom.losses.relations import rkd_angle_loss, rkd_distance_loss
+from stillroom.losses.topk import TopKTargets, topk_soft_target_loss, topk_targets_from_logits
 
 HARD_LABEL_TERMS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "classification": hard_label_loss,
@@ -61,6 +62,7 @@ __all__ = [
     "HARD_LABEL_TERMS",
     "IGNORE_INDEX",
     "Projector",
+    "TopKTargets",
     "align_spatial",
     "attention_map_kl",
     "attention_transfer_loss",
@@ -76,5 +78,7 @@ __all__ = [
     "rkd_angle_loss",
     "rkd_distance_loss",
     "soft_target_loss",
+    "topk_soft_target_loss",
+    "topk_targets_from_logits",
     "uniform_layer_map",
 ]

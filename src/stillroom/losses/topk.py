@@ -6,9 +6,11 @@ compares teacher and student on k + 1 buckets: the teacher's top-k classes, and 
 holding everything else. This is the coarsened KL of the full distributions, a lower bound on it
 (data-processing inequality) that becomes exact when k = V.
 
-References: Hinton et al. 2015 (arXiv:1503.02531) for the soft-target KL with temperature;
-sparse top-k teacher logits for LLM distillation as in MiniLLM / DistiLLM-style pipelines that cache
-teacher outputs offline.
+References: Hinton et al. 2015 (arXiv:1503.02531) for the soft-target KL with temperature. Caching
+only the top-k teacher logits is common practice in LLM distillation; Anshumann et al. 2025 ("Sparse
+Logit Sampling: Accelerating Knowledge Distillation in LLMs") show that renormalising over the top k
+alone biases the student; the rest bucket here keeps the teacher's mass outside the top k in the
+target, so the student is not pushed to put all its mass on k classes.
 """
 
 from __future__ import annotations

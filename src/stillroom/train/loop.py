@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from stillroom.errors import NonFiniteLossError, StillroomError
 from stillroom.io import atomic_save_tensors, atomic_write_json
+from stillroom.losses import TopKTargets
 from stillroom.objective import (
     ObjectiveStudent,
     StepOutputs,
@@ -172,7 +173,7 @@ def distill(
                         step.teacher, step.teacher_features = _teacher_step(
                             frozen, teacher_layers, inputs, index, targets, args.task
                         )
-                        _check_shapes(step.student, step.teacher)
+                        _check_shapes(step.student, step.teacher, args.loss)
                     # the objective, as arithmetic: sum of weight * term; weight-0 terms only logged
                     values = {
                         t.name: t.compute(step)
@@ -322,9 +323,25 @@ def _match(outputs: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Ten
     return outputs
 
 
-def _check_shapes(student_outputs: torch.Tensor, teacher_outputs: Any) -> None:
-    # structured teacher outputs (top-k targets) are checked by their own loss
-    if isinstance(teacher_outputs, torch.Tensor) and student_outputs.shape != teacher_outputs.shape:
+def _check_shapes(student_outputs: torch.Tensor, teacher_outputs: Any, loss: str) -> None:
+    if isinstance(teacher_outputs, TopKTargets):
+        if loss != "topk_soft_target":
+            raise StillroomError(
+                f"the teacher gives top-k targets (a top-k store) but distill.loss is '{loss}'; "
+                "use distill.loss=topk_soft_target"
+            )
+        positions = [size for dim, size in enumerate(student_outputs.shape) if dim != 1]
+        if list(teacher_outputs.tail_mass.shape) != positions:
+            raise StillroomError(
+                f"student outputs {tuple(student_outputs.shape)} but the top-k targets cover "
+                f"positions {tuple(teacher_outputs.tail_mass.shape)}: the store was made for other data"
+            )
+        return
+    if loss == "topk_soft_target":
+        raise StillroomError(
+            "distill.loss=topk_soft_target needs a top-k store as the teacher (stillroom cache --top-k K)"
+        )
+    if student_outputs.shape != teacher_outputs.shape:
         raise StillroomError(
             f"student outputs {tuple(student_outputs.shape)} but teacher outputs "
             f"{tuple(teacher_outputs.shape)}: give the student the teacher's number of outputs "

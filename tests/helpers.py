@@ -1,0 +1,39 @@
+"""Shared by the CLI tests: run the real `stillroom` command, check a user error."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def stillroom(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """`python -m stillroom.cli ARGS` from the repository root, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "stillroom.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=240,
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
+    """Exit code 2, one `error: ...` line containing `fragment`, no traceback."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert message.startswith("error: ") and len(message.splitlines()) == 1, message
+    assert fragment in " ".join(message.split()), message
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file below `folder`, by relative path: proves nothing was touched."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
