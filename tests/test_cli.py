@@ -299,3 +299,46 @@ def test_interrupted_run_resumes_to_the_same_student(
         for x in (out / "student_kd" / "metrics.jsonl").read_text().splitlines()
     ]
     assert epochs == [1, 2, 3]
+
+
+RESNET = ROOT / "recipes" / "digits_resnet.yaml"
+RESNET_TINY = [
+    "teacher.widths=[8, 16, 16]",
+    "teacher.blocks=[1, 1, 1]",
+    "teacher.train.epochs=1",
+    "distill.epochs=2",
+    "data.batch_size=256",
+    "baseline=false",
+]
+
+
+def test_feature_distillation_then_export_carries_no_projector(tmp_path: Path) -> None:
+    out = tmp_path / "resnet"
+    result = stillroom(
+        "distill", RESNET, *RESNET_TINY, "--out", out, "--no-progress", "--no-report"
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads((out / "student_kd" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["train/hint:stages.2->stages.2"] > 0
+    assert {f"train/attention_transfer:stages.{i}->stages.{i}" for i in range(3)} <= set(record)
+    exported = stillroom("export", out)
+    assert exported.returncode == 0, exported.stderr
+    weights = load_file(str(out / "export" / "model.safetensors"))
+    student, _ = load_model(out / "student_kd")
+    assert set(weights) == set(student.state_dict())  # no projector, no objective state
+    assert not any(m._forward_hooks for m in student.modules())
+
+
+def test_bad_layer_name_in_a_term_lists_close_names(tmp_path: Path) -> None:
+    result = stillroom(
+        "distill",
+        RESNET,
+        *RESNET_TINY,
+        "distill.terms=[{kind: hint, student: stage.2, teacher: stages.2}]",
+        "--out",
+        tmp_path / "r",
+        "--no-progress",
+        "--no-report",
+    )
+    assert_user_error(result, "has no module named 'stage.2'; closest: 'stages.2'")
+    assert not (tmp_path / "r").exists()  # refused before any training or any file

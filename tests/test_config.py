@@ -65,7 +65,8 @@ def test_unknown_key_lists_the_allowed_keys(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
     path.write_text("student:\n  width: [8]\n")
     with pytest.raises(
-        StillroomError, match=r"unknown key 'student.width'; did you mean 'widths'\?.*Allowed here: kind, hidden"
+        StillroomError,
+        match=r"unknown key 'student.width'; did you mean 'widths'\?.*Allowed here: kind, hidden",
     ):
         load_recipe(path)
 

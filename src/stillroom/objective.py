@@ -326,6 +326,11 @@ def _resolve(patterns: list[str], model: nn.Module) -> list[str]:
     return list(dict.fromkeys(resolved))
 
 
+def check_layer_names(model: nn.Module, patterns: list[str]) -> None:
+    """Raise the fix-it error (closest valid names) for a layer name `model` does not have."""
+    Taps(model, _resolve(patterns, model))  # validates the names; never attached
+
+
 def _shapes(
     model: nn.Module | None, example: torch.Tensor | None, names: list[str]
 ) -> dict[str, tuple[int, ...]]:

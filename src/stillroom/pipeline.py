@@ -35,7 +35,7 @@ from stillroom.errors import StillroomError
 from stillroom.io import atomic_write_json, atomic_write_text
 from stillroom.measure import format_bytes, model_costs
 from stillroom.models import build_model, load_model, save_model
-from stillroom.objective import tapped_layers
+from stillroom.objective import check_layer_names, tapped_layers
 from stillroom.store import StoreTeacher
 from stillroom.teachers import CachedTeacher, generate_soft_targets
 from stillroom.train import TrainArgs, distill, evaluate, predict
@@ -66,6 +66,21 @@ def _build(
     """Build with a fixed seed: initial weights must not depend on what ran before in the process."""
     torch.manual_seed(seed)
     return build_model(spec, input_shape, num_outputs)
+
+
+def _check_term_layers(recipe: Recipe, input_shape: tuple[int, ...], num_outputs: int) -> None:
+    """Fail on a term's unknown layer name now, not after the teacher has trained."""
+    student_names, teacher_names = tapped_layers(
+        list(recipe.train_args(recipe.distill, "classification").terms)
+    )
+    if student_names:
+        check_layer_names(
+            build_model(recipe.student.spec(), input_shape, num_outputs), student_names
+        )
+    if teacher_names and recipe.teacher.checkpoint is None:
+        check_layer_names(
+            build_model(recipe.teacher.spec(), input_shape, num_outputs), teacher_names
+        )
 
 
 def _check_task(recipe: Recipe, task: str) -> None:
@@ -118,11 +133,13 @@ def run_recipe(
 ) -> RunResult:
     """Run every phase of `recipe` into `run_dir` (resuming finished/started phases if asked)."""
     run_dir = Path(run_dir)
-    _prepare_run_dir(run_dir, recipe, resume)
+    # everything that can be checked before any training is checked before the run folder exists
     splits, student_train = prepare_data(recipe)
     task = splits.train.task
     _check_task(recipe, task)
     input_shape, num_outputs = splits.train.input_shape, splits.train.num_outputs
+    _check_term_layers(recipe, input_shape, num_outputs)
+    _prepare_run_dir(run_dir, recipe, resume)
     batch = recipe.data.batch_size
 
     # 1. the teacher: loaded, or trained on every training label: it stands for the big, accurate
