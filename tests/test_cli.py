@@ -342,3 +342,30 @@ def test_bad_layer_name_in_a_term_lists_close_names(tmp_path: Path) -> None:
     )
     assert_user_error(result, "has no module named 'stage.2'; closest: 'stages.2'")
     assert not (tmp_path / "r").exists()  # refused before any training or any file
+
+
+def test_force_checks_everything_before_deleting(few_label_run) -> None:
+    out, _ = few_label_run
+    before = tree_digest(out)
+    typo = stillroom(
+        "distill", FEW_LABELS, *TINY, "distill.loss=regression", "--out", out, "--force"
+    )
+    assert_user_error(typo, "does not fit the classification data")
+    own_teacher = stillroom(
+        "distill",
+        FEW_LABELS,
+        *TINY,
+        f"teacher.checkpoint={out / 'teacher'}",
+        "--out",
+        out,
+        "--force",
+    )
+    assert_user_error(own_teacher, "--force would delete")
+    assert tree_digest(out) == before
+
+
+def test_out_that_is_a_file(tmp_path: Path) -> None:
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    assert_user_error(stillroom("distill", FEW_LABELS, *TINY, "--out", target), "is a file")
+    assert target.read_text() == "keep me"

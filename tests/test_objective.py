@@ -268,3 +268,16 @@ def test_hint_loss_decreases_with_training(loaders) -> None:
     hints = [r["train/hint:stages.1->stages.1"] for r in result.history]
     assert hints[-1] < hints[0]
     assert hint_loss is not None
+
+
+def test_a_hint_between_incompatible_layers_is_a_clear_error() -> None:
+    student = build_model({"kind": "mlp", "hidden": [16]}, (1, 8, 8), 10)
+    teacher = resnet(RESNET_TEACHER)
+    with pytest.raises(StillroomError, match=r"term 'hint' net\.1 -> stages\.1: "):
+        build_objective(
+            [TermSpec("hint", student="net.1", teacher="stages.1")],
+            "classification",
+            student,
+            teacher,
+            torch.randn(2, 1, 8, 8),
+        )

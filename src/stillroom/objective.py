@@ -188,7 +188,12 @@ def _feature_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
         s_shape, t_shape = ctx.student_shapes[student_layer], ctx.teacher_shapes[teacher_layer]
         projector = None
         if spec.kind == "hint":
-            projector = make_projector(s_shape, t_shape)
+            try:
+                projector = make_projector(s_shape, t_shape)
+            except ValueError as err:
+                raise StillroomError(
+                    f"term '{spec.kind}' {student_layer} -> {teacher_layer}: {err}"
+                ) from None
             if isinstance(projector, nn.Identity):
                 projector = None
         compute = _feature_compute(spec, student_layer, teacher_layer, t_shape)

@@ -15,6 +15,7 @@ Run folder:
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,9 +130,10 @@ def _train_phase(
 
 
 def run_recipe(
-    recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = True
+    recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = True, force: bool = False
 ) -> RunResult:
-    """Run every phase of `recipe` into `run_dir` (resuming finished/started phases if asked)."""
+    """Run every phase of `recipe` into `run_dir` (resuming finished/started phases if asked;
+    `force` replaces an earlier run there, once every check has passed)."""
     run_dir = Path(run_dir)
     # everything that can be checked before any training is checked before the run folder exists
     splits, student_train = prepare_data(recipe)
@@ -139,7 +141,9 @@ def run_recipe(
     _check_task(recipe, task)
     input_shape, num_outputs = splits.train.input_shape, splits.train.num_outputs
     _check_term_layers(recipe, input_shape, num_outputs)
-    _prepare_run_dir(run_dir, recipe, resume)
+    if resume and force:
+        raise StillroomError("--resume and --force contradict each other; pass one")
+    _prepare_run_dir(run_dir, recipe, resume, force)
     batch = recipe.data.batch_size
 
     # 1. the teacher: loaded, or trained on every training label: it stands for the big, accurate
@@ -254,7 +258,33 @@ def gap_closed(rows: dict[str, dict[str, Any]], metric: str) -> float | None:
     return (rows["student_kd"][metric] - rows["student_scratch"][metric]) / lead
 
 
-def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
+def claim_run_dir(run_dir: Path, force: bool, protected: tuple[Path | None, ...] = ()) -> None:
+    """Make sure `run_dir` can be written: absent or empty, or (with force) an earlier stillroom run,
+    which is then removed. Never removes a folder that holds inputs of the new run (`protected`)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise StillroomError(f"run folder {run_dir} is a file; choose another --out")
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if not force:
+        raise StillroomError(
+            f"run folder {run_dir} already exists; pass --resume to continue it, --force to replace it, "
+            "or choose another --out"
+        )
+    if not ((run_dir / "config.yaml").is_file() or (run_dir / "demo.json").is_file()):
+        raise StillroomError(
+            f"--force only replaces a stillroom run folder, and {run_dir} holds no config.yaml; "
+            "choose another --out"
+        )
+    for path in protected:
+        if path is not None and Path(path).resolve().is_relative_to(run_dir.resolve()):
+            raise StillroomError(
+                f"--force would delete {path}, which this run reads; copy it out of {run_dir} "
+                "or choose another --out"
+            )
+    shutil.rmtree(run_dir)
+
+
+def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, force: bool) -> None:
     config_path = run_dir / "config.yaml"
     if resume:
         if not config_path.is_file():
@@ -267,10 +297,9 @@ def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
                 "resume with the same recipe and overrides, or start a new run folder"
             )
         return
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise StillroomError(
-            f"run folder {run_dir} already exists; pass --resume to continue it or --force to replace it"
-        )
+    claim_run_dir(
+        run_dir, force, (recipe.teacher.checkpoint, recipe.teacher.store, recipe.data.path)
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_path, dump_recipe(recipe))
 

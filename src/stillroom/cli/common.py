@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -11,9 +10,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from stillroom.errors import StillroomError
 from stillroom.measure import format_bytes
-from stillroom.pipeline import RunResult
+from stillroom.pipeline import RunResult, claim_run_dir
 
 console = Console()
 err_console = Console(stderr=True)
@@ -34,19 +32,7 @@ OverridesArg = Annotated[
 
 def fresh_run_dir(run_dir: Path, force: bool) -> None:
     """Refuse to reuse a folder unless --force, and then only one that holds a stillroom run."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return
-    if not force:
-        raise StillroomError(
-            f"run folder {run_dir} already exists; pass --resume to continue it, --force to replace it, "
-            "or choose another --out"
-        )
-    if not ((run_dir / "config.yaml").is_file() or (run_dir / "demo.json").is_file()):
-        raise StillroomError(
-            f"--force only replaces a stillroom run folder, and {run_dir} holds no config.yaml; "
-            "choose another --out"
-        )
-    shutil.rmtree(run_dir)
+    claim_run_dir(run_dir, force)
 
 
 def results_table(title: str, result: RunResult) -> Table:

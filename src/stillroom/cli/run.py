@@ -19,7 +19,6 @@ from stillroom.cli.common import (
     results_table,
 )
 from stillroom.config import dump_recipe, load_recipe
-from stillroom.errors import StillroomError
 
 
 def demo(
@@ -72,11 +71,8 @@ def distill_command(
 
     resolved = load_recipe(recipe, overrides or [])
     run_dir = out or Path("runs") / resolved.name
-    if resume and force:
-        raise StillroomError("--resume and --force contradict each other; pass one")
-    if not resume:
-        fresh_run_dir(run_dir, force)
-    result = run_recipe(resolved, run_dir, resume=resume, progress=progress)
+    # run_recipe replaces an earlier run only after every check passed: a typo loses nothing
+    result = run_recipe(resolved, run_dir, resume=resume, progress=progress, force=force)
     console.print(results_table(f"{resolved.name}: test set", result))
     console.print(f"run folder: {run_dir}\n  {run_dir / 'results.md'}", soft_wrap=True)
     if report:

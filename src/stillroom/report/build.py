@@ -69,6 +69,11 @@ def build_report(run_dir: Path, out_dir: Path | None = None, timing: Timing = TI
     out = Path(out_dir) if out_dir is not None else run.path / "report"
     if out.exists() and not out.is_dir():
         raise StillroomError(f"{out} is a file; choose a folder for the report with --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
+        # only an earlier report is replaced: --out pointing at a run folder must not clobber it
+        raise StillroomError(
+            f"{out} holds files that are not a stillroom report; choose an empty --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
     with torch_threads(timing.threads):
         numbers = measure_run(run, timing)

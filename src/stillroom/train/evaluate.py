@@ -54,5 +54,6 @@ def evaluate(
             "loss": F.cross_entropy(outputs, targets).item(),
         }
     outputs = outputs.view(targets.shape)
-    mse = F.mse_loss(outputs, targets).item()
+    labelled = ~torch.isnan(targets)  # NaN marks a sample without a target
+    mse = F.mse_loss(outputs[labelled], targets[labelled]).item()
     return {"rmse": math.sqrt(mse), "loss": mse}

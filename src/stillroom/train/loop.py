@@ -122,9 +122,10 @@ def distill(
     model = ObjectiveStudent(student, [t for t in terms if t.weight > 0])
 
     optimizer = _build_optimizer(model, args)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    # sized from the prepared loader: under multi-process training each process sees its shard
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
     scheduler = _build_scheduler(optimizer, args, steps_per_epoch * args.epochs)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
     inner = accelerator.unwrap_model(model)
@@ -141,6 +142,8 @@ def distill(
     checkpoint = latest_checkpoint(ckpt_root) if (resume and ckpt_root) else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, inner.student, optimizer, scheduler, inner.projectors)
+        if accelerator.scaler is not None and "grad_scaler" in state:  # fp16 loss scale
+            accelerator.scaler.load_state_dict(state["grad_scaler"])
         start_epoch = state["epoch"]
     log = MetricsLog(run_dir if accelerator.is_main_process else None, state["history"])
     if run_dir and accelerator.is_main_process:
@@ -175,11 +178,7 @@ def distill(
                         )
                         _check_shapes(step.student, step.teacher, args.loss)
                     # the objective, as arithmetic: sum of weight * term; weight-0 terms only logged
-                    values = {
-                        t.name: t.compute(step)
-                        for t in terms
-                        if frozen is not None or not t.needs_teacher
-                    }
+                    values = _term_values(terms, step, has_teacher=frozen is not None)
                     loss = sum(t.weight * values[t.name] for t in terms if t.weight > 0)
                     _check_finite(loss, values, state["step"], epoch, ckpt_root)
                     accelerator.backward(loss)
@@ -236,6 +235,8 @@ def distill(
                 progress.update(task_id, status=status)
             if ckpt_root and accelerator.is_main_process:
                 saved = {k: v for k, v in state.items() if k != "best_weights"}
+                if accelerator.scaler is not None:
+                    saved["grad_scaler"] = accelerator.scaler.state_dict()
                 # student and projectors: a resumed run continues both
                 save_checkpoint(
                     ckpt_root,
@@ -248,6 +249,7 @@ def distill(
                 )
 
     trained = inner.student
+    accelerator.wait_for_everyone()  # the main process wrote best.safetensors
     if run_dir and (run_dir / BEST).is_file():
         trained.load_state_dict(load_file(str(run_dir / BEST)))
     elif "best_weights" in state:
@@ -261,6 +263,18 @@ def distill(
         stopped_early=stopped_early,
         run_dir=run_dir,
     )
+
+
+def _term_values(terms: list, step: StepOutputs, has_teacher: bool) -> dict[str, torch.Tensor]:
+    """Each term's value; weight-0 terms too (logged), except those needing an absent teacher."""
+    values = {}
+    for term in terms:
+        if has_teacher or not term.needs_teacher:
+            try:
+                values[term.name] = term.compute(step)
+            except ValueError as err:  # shapes the user's layer choice cannot fit
+                raise StillroomError(f"term '{term.name}': {err}") from None
+    return values
 
 
 def _teacher_step(
