@@ -43,3 +43,13 @@ def make_mlp() -> Callable[..., nn.Module]:
         return build_model(spec, input_shape, outputs)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: on a shared 2-core machine a second thread waits at every op's barrier
+    for a core another process holds, which makes timing-heavy tests several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

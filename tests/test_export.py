@@ -38,14 +38,8 @@ TINY = [
 FORMATS = ("safetensors", "torch_export", "onnx")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine a second thread waits at every op's barrier
-    for a core another process holds, which makes these tests several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# module-scoped: a second thread only waits on this shared 2-core machine (see conftest)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
