@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from stillroom.errors import StillroomError
 from stillroom.objective import TermSpec
 from stillroom.train.args import TrainArgs
+
+SchemaT = TypeVar("SchemaT", bound=BaseModel)
 
 
 class _Section(BaseModel):
@@ -112,6 +114,8 @@ class TermSection(_Section):
         "attention_map",
         "rkd_distance",
         "rkd_angle",
+        "token_kl",
+        "adversarial",
     ]
     weight: float = Field(1.0, ge=0, description="the term's weight in the summed loss")
     student: str | None = Field(
@@ -134,9 +138,42 @@ class TermSection(_Section):
     name: str | None = Field(
         None, description="log name (train/<name>); default kind:student->teacher"
     )
+    output: str | None = Field(
+        None, description="models with named outputs: the student output the term reads"
+    )
+    teacher_output: str | None = Field(
+        None,
+        description="the teacher (or, with source student, the student) output; default output",
+    )
+    source: Literal["teacher", "student"] = Field(
+        "teacher",
+        description="where the other side comes from: the teacher, or the student's own output/layer "
+        "(detached; self-distillation)",
+    )
+    task: Literal["classification", "regression", "language_modeling", "embedding"] | None = Field(
+        None, description="hard_label: the task of `output` (default: the data's task)"
+    )
+    beta: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="token_kl: 0 forward KL, 1 reverse KL, between: generalized JSD",
+    )
+    chunk_size: int | None = Field(
+        None, ge=1, description="token_kl: positions per chunk (bounds fp32 memory)"
+    )
+    mask: Literal["labels", "attention", "none"] = Field(
+        "labels", description="token_kl: which tokens count (labels != -100, attention_mask, all)"
+    )
+    hidden: int = Field(64, ge=1, description="adversarial: discriminator hidden width")
+    critic_lr: float = Field(2e-4, gt=0, description="adversarial: discriminator learning rate")
 
     @model_validator(mode="after")
     def _layers_given(self) -> TermSection:
+        if self.kind == "adversarial" and bool(self.student) != bool(self.teacher):
+            raise ValueError(
+                "an 'adversarial' term compares outputs (no names) or two layers (both names)"
+            )
         if self.kind in ("hint", "attention_transfer", "hidden_state", "attention_map") and not (
             self.student and self.teacher
         ):
@@ -160,13 +197,21 @@ class DistillSection(TrainSection):
     dkd_beta: float = Field(8.0, ge=0, description="loss dkd: weight of the non-target-class term")
     terms: list[TermSection] = Field(
         [],
-        description="extra weighted terms: hint, attention_transfer, hidden_state, attention_map, rkd_*, dkd",
+        description="extra weighted terms: hint, attention_transfer, hidden_state, attention_map, "
+        "rkd_*, dkd, token_kl, adversarial",
     )
 
 
 class Recipe(_Section):
-    """One distillation experiment. The defaults are the demo's digits setting."""
+    """One distillation experiment. The defaults are the demo's digits setting.
 
+    `method` picks the workflow (stillroom.methods.METHODS); methods that need more sections
+    validate against a subclass of this schema (or their own schema) that adds them.
+    """
+
+    method: Literal["classic"] = Field(
+        "classic", description="the workflow: see `stillroom methods` / stillroom.methods.METHODS"
+    )
     name: str = "digits"
     seed: int = 0
     data: DataSection = DataSection()
@@ -223,8 +268,8 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = Recipe
+def _allowed_keys(loc: tuple[Any, ...], schema: type[BaseModel]) -> list[str]:
+    model: type[BaseModel] = schema
     for part in loc:
         field = model.model_fields.get(str(part))
         if field is None or not (
@@ -235,14 +280,14 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _explain(error: ValidationError, source: str) -> str:
+def _explain(error: ValidationError, source: str, schema: type[BaseModel] = Recipe) -> str:
     """The first validation error as one line: where, what was given, what is allowed."""
     first = error.errors()[0]
     loc = tuple(first["loc"])
     path = ".".join(str(p) for p in loc) or "(top level)"
     more = f" (and {error.error_count() - 1} more problem(s))" if error.error_count() > 1 else ""
     if first["type"] == "extra_forbidden":
-        allowed = _allowed_keys(loc[:-1])
+        allowed = _allowed_keys(loc[:-1], schema)
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         return f"{source}: unknown key '{path}'{hint} Allowed here: {', '.join(allowed)}{more}"
@@ -250,8 +295,11 @@ def _explain(error: ValidationError, source: str) -> str:
     return f"{source}: {path}: {first['msg']} (given {given!r}){more}"
 
 
-def load_recipe(path: Path | str | None, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe (None: the built-in defaults), apply overrides, validate."""
+def read_recipe_tree(
+    path: Path | str | None, overrides: list[str] | None = None
+) -> tuple[dict[str, Any], str]:
+    """The raw recipe mapping (YAML file, or {} for the defaults) with overrides applied, and a
+    name for it in error messages."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -270,13 +318,24 @@ def load_recipe(path: Path | str | None, overrides: list[str] | None = None) -> 
                 f"{path}: a recipe must be a mapping of sections, got {type(loaded).__name__}"
             )
         tree = loaded or {}
-    tree = apply_overrides(tree, overrides or [])
+    return apply_overrides(tree, overrides or []), source
+
+
+def validate_recipe(tree: dict[str, Any], source: str, schema: type[SchemaT]) -> SchemaT:
+    """Validate a recipe mapping against `schema`; the first problem as one line."""
     try:
-        return Recipe.model_validate(tree)
+        return schema.model_validate(tree)
     except ValidationError as err:
-        raise StillroomError(_explain(err, source)) from None
+        raise StillroomError(_explain(err, source, schema)) from None
 
 
-def dump_recipe(recipe: Recipe) -> str:
+def load_recipe(path: Path | str | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a classic YAML recipe (None: the built-in defaults), apply overrides, validate.
+    Recipes of any method: `stillroom.methods.load_method_recipe`."""
+    tree, source = read_recipe_tree(path, overrides)
+    return validate_recipe(tree, source, Recipe)
+
+
+def dump_recipe(recipe: BaseModel) -> str:
     """The resolved recipe as YAML: every field, defaults included, ready to run again."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

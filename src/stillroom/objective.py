@@ -3,28 +3,41 @@
     loss = sum(term.weight * term.value for term in objective)
 
 The classic recipe is two terms, `alpha * distillation + (1 - alpha) * hard_label`; feature,
-attention, relational and decoupled terms are added to the same list. A term reads the student's
-and teacher's outputs, the labels, and features captured by name at intermediate layers (taps).
-Learned parts (FitNets projectors) live in `ObjectiveStudent`, trained with the student and never
-part of the saved student.
+attention, relational, decoupled, token-level and adversarial terms are added to the same list. A
+term reads the student's and teacher's outputs, the labels, and features captured by name at
+intermediate layers (taps). Models may return a dict of named outputs (multi-task heads, the exits
+of a self-distilled network): a term then names the output it reads (`output`), and may read its
+"teacher" side from the student itself (`source="student"`, detached), which is how shallow exits
+learn from the deepest one. Learned parts (FitNets projectors) live in `ObjectiveStudent`, trained
+with the student and never part of the saved student; a term with a critic (the adversarial
+discriminator) brings its own module, trained by the loop in alternation with the student.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stillroom.errors import StillroomError
 from stillroom.losses import (
     HARD_LABEL_TERMS,
+    IGNORE_INDEX,
     regression_distillation_loss,
     soft_target_loss,
     topk_soft_target_loss,
+)
+from stillroom.losses.adversarial import (
+    Discriminator,
+    adversarial_student_loss,
+    discriminator_accuracy,
+    discriminator_loss,
 )
 from stillroom.losses.dkd import decoupled_kd_loss
 from stillroom.losses.features import (
@@ -37,6 +50,7 @@ from stillroom.losses.features import (
     uniform_layer_map,
 )
 from stillroom.losses.relations import rkd_angle_loss, rkd_distance_loss
+from stillroom.losses.sequence import token_distillation_loss
 from stillroom.taps import Taps, feature_shapes
 
 
@@ -48,6 +62,11 @@ class TermSpec:
     outputs the term compares; None means the model outputs. A name ending in `.*` (e.g.
     `layers.*`) stands for the numbered children of a container, paired uniformly (TinyBERT's
     g(m) = m * N / M) or by `layer_map` [(student_index, teacher_index), ...].
+    output / teacher_output: keys into dict outputs (teacher_output defaults to output).
+    source: "teacher", or "student" to read the other side from the student's own outputs or
+    layers, detached (self-distillation). task: the task of `output` for hard_label terms.
+    beta, chunk_size, mask: token_kl (generalized JSD; beta 0 = forward KL, 1 = reverse KL).
+    hidden, critic_lr: adversarial (discriminator width and learning rate).
     """
 
     kind: str
@@ -61,17 +80,88 @@ class TermSpec:
     similarity: str = "mse"
     layer_map: tuple[tuple[int, int], ...] | None = None
     name: str | None = None
+    output: str | None = None
+    teacher_output: str | None = None
+    source: str = "teacher"
+    task: str | None = None
+    beta: float = 0.0
+    chunk_size: int | None = None
+    mask: str = "labels"
+    hidden: int = 64
+    critic_lr: float = 2e-4
+
+
+SOURCES = ("teacher", "student")
+TOKEN_MASKS = ("labels", "attention", "none")
 
 
 @dataclass
 class StepOutputs:
-    """What the terms of one training step read."""
+    """What the terms of one training step read. Outputs and targets are tensors, or dicts of
+    tensors keyed by output name; inputs are what the models were called with."""
 
-    student: torch.Tensor
+    student: Any
     teacher: Any
-    targets: torch.Tensor
+    targets: Any
     student_features: dict[str, torch.Tensor] = field(default_factory=dict)
     teacher_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs: Any = None
+
+
+def pick(outputs: Any, key: str | None, whose: str) -> Any:
+    """The output a term reads: the whole output, or the entry `key` of a dict of outputs."""
+    if key is None:
+        if isinstance(outputs, dict):
+            raise StillroomError(
+                f"the {whose} returns several outputs ({', '.join(outputs)}); name the one a term "
+                "reads with its `output` (and `teacher_output`)"
+            )
+        return outputs
+    if not isinstance(outputs, dict):
+        raise StillroomError(
+            f"a term reads output '{key}' but the {whose} returns one {type(outputs).__name__}, "
+            "not a dict of named outputs; drop the term's `output`"
+        )
+    if key not in outputs:
+        raise StillroomError(f"the {whose} has no output '{key}'; it returns: {', '.join(outputs)}")
+    return outputs[key]
+
+
+def match_targets(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Regression heads emit (N, 1) for (N,) targets: view them alike."""
+    if (
+        isinstance(targets, torch.Tensor)
+        and outputs.shape != targets.shape
+        and outputs.numel() == targets.numel()
+        and outputs.dim() == targets.dim() + 1
+    ):
+        return outputs.view(targets.shape)
+    return outputs
+
+
+def student_side(step: StepOutputs, spec: TermSpec) -> Any:
+    return pick(step.student, spec.output, "student")
+
+
+def teacher_side(step: StepOutputs, spec: TermSpec) -> Any:
+    """The other side of a term: the teacher's output, or the student's own (detached: the deep
+    exit teaches the shallow ones, it is not pulled toward them)."""
+    key = spec.teacher_output or spec.output
+    if spec.source == "student":
+        return pick(step.student, key, "student").detach()
+    return pick(step.teacher, key, "teacher")
+
+
+def term_targets(step: StepOutputs, spec: TermSpec) -> torch.Tensor:
+    """The labels of the output a term reads (per-output dicts for multi-task data)."""
+    if isinstance(step.targets, dict):
+        if spec.output not in step.targets:
+            raise StillroomError(
+                f"the batch has labels for {', '.join(step.targets)} but a term reads output "
+                f"'{spec.output}'"
+            )
+        return step.targets[spec.output]
+    return step.targets
 
 
 @dataclass
@@ -85,6 +175,11 @@ class Term:
     student_layers: tuple[str, ...] = ()
     teacher_layers: tuple[str, ...] = ()
     projector: nn.Module | None = None
+    # a second player trained in alternation (the adversarial discriminator):
+    # critic_compute(step with the student detached) -> (critic loss, critic accuracy)
+    critic: nn.Module | None = None
+    critic_compute: Callable[[StepOutputs], tuple[torch.Tensor, torch.Tensor]] | None = None
+    critic_lr: float = 2e-4
 
 
 @dataclass
@@ -94,6 +189,16 @@ class BuildContext:
     task: str
     student_shapes: dict[str, tuple[int, ...]]
     teacher_shapes: dict[str, tuple[int, ...]]
+    output_tasks: dict[str, str] = field(default_factory=dict)
+    student_outputs: Any = None  # the student's outputs on the example batch (adversarial sizing)
+
+    def shapes_of(self, spec: TermSpec, side: str) -> dict[str, tuple[int, ...]]:
+        """Layer shapes of the model a term's `side` ("student"/"teacher") reads."""
+        return (
+            self.student_shapes
+            if side == "student" or spec.source == "student"
+            else (self.teacher_shapes)
+        )
 
 
 def _layer(name: str | None, fallback: str) -> str:
@@ -101,44 +206,138 @@ def _layer(name: str | None, fallback: str) -> str:
 
 
 def _output_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
-    kind = spec.kind
+    kind, temperature = spec.kind, spec.temperature
+    task = spec.task or ctx.output_tasks.get(spec.output or "", ctx.task)
+
+    def sides(step: StepOutputs) -> tuple[torch.Tensor, Any]:
+        return student_side(step, spec), teacher_side(step, spec)
+
     if kind == "soft_target":
-        temperature = spec.temperature
 
         def compute(step: StepOutputs) -> torch.Tensor:
-            return soft_target_loss(step.student, step.teacher, temperature)
+            return soft_target_loss(*sides(step), temperature)
 
     elif kind == "topk_soft_target":
-        temperature = spec.temperature
 
         def compute(step: StepOutputs) -> torch.Tensor:
-            return topk_soft_target_loss(step.student, step.teacher, temperature, class_dim=1)
+            return topk_soft_target_loss(*sides(step), temperature, class_dim=1)
 
     elif kind == "regression":
 
         def compute(step: StepOutputs) -> torch.Tensor:
-            return regression_distillation_loss(step.student, step.teacher)
+            student, teacher = sides(step)
+            if task == "regression":  # (N, 1) heads against (N,) targets from a cache
+                student, teacher = match_targets(student, teacher), match_targets(teacher, student)
+            return regression_distillation_loss(student, teacher)
 
     else:
         assert kind == "dkd"
-        alpha, beta, temperature = spec.dkd_alpha, spec.dkd_beta, spec.temperature
+        alpha, beta = spec.dkd_alpha, spec.dkd_beta
 
         def compute(step: StepOutputs) -> torch.Tensor:
+            student, teacher = sides(step)
             return decoupled_kd_loss(
-                step.student, step.teacher, step.targets, alpha, beta, temperature
+                student, teacher, term_targets(step, spec), alpha, beta, temperature
             )
 
-    return [Term(spec.name or kind, spec.weight, compute, needs_teacher=True)]
+    return [Term(spec.name or kind, spec.weight, compute, needs_teacher=spec.source == "teacher")]
 
 
 def _hard_label_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
-    loss = HARD_LABEL_TERMS[ctx.task]
+    task = spec.task or ctx.output_tasks.get(spec.output or "", ctx.task)
+    loss = HARD_LABEL_TERMS[task]
+
+    def compute(step: StepOutputs) -> torch.Tensor:
+        targets = term_targets(step, spec)
+        return loss(match_targets(student_side(step, spec), targets), targets)
+
+    return [Term(spec.name or "hard_label", spec.weight, compute, False)]
+
+
+def _token_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
+    beta, temperature, chunk_size, mask_from = (
+        spec.beta,
+        spec.temperature,
+        spec.chunk_size,
+        spec.mask,
+    )
+
+    def compute(step: StepOutputs) -> torch.Tensor:
+        if mask_from == "labels":
+            mask = term_targets(step, spec) != IGNORE_INDEX
+        elif mask_from == "attention":
+            mask = step.inputs["attention_mask"].bool()
+        else:
+            mask = None
+        return token_distillation_loss(
+            student_side(step, spec),
+            teacher_side(step, spec),
+            mask,
+            beta=beta,
+            temperature=temperature,
+            chunk_size=chunk_size,
+        )
+
+    return [
+        Term(spec.name or "token_kl", spec.weight, compute, needs_teacher=spec.source == "teacher")
+    ]
+
+
+def _adversarial_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
+    """A discriminator over the models' outputs (as softened probabilities) or a tapped layer."""
+    student_layer, teacher_layer, temperature = spec.student, spec.teacher, spec.temperature
+    if (student_layer is None) != (teacher_layer is None):
+        raise StillroomError(
+            "an adversarial term compares outputs (no student/teacher names) or two layers "
+            "(both names)"
+        )
+    if student_layer is None:
+        reference = pick(ctx.student_outputs, spec.output, "student")
+        width = reference[0].numel()
+    else:
+        s_shape = ctx.student_shapes[student_layer]
+        t_shape = ctx.shapes_of(spec, "teacher")[teacher_layer]
+        if s_shape[1:] != t_shape[1:]:
+            raise StillroomError(
+                f"adversarial term: student layer '{student_layer}' gives {s_shape[1:]} but "
+                f"teacher layer '{teacher_layer}' gives {t_shape[1:]}; pick layers of one shape "
+                "(or compare outputs)"
+            )
+        width = math.prod(s_shape[1:])
+    critic = Discriminator(width, spec.hidden)
+
+    def critic_input(step: StepOutputs, side: str) -> torch.Tensor:
+        if student_layer is None:
+            out = student_side(step, spec) if side == "student" else teacher_side(step, spec)
+            # probabilities, not logits: logits carry an arbitrary offset the critic could use
+            return F.softmax(out.float().flatten(1) / temperature, dim=1)
+        if side == "student":
+            return step.student_features[student_layer]
+        features = step.student_features if spec.source == "student" else step.teacher_features
+        return features[teacher_layer].detach()
+
+    def compute(step: StepOutputs) -> torch.Tensor:
+        return adversarial_student_loss(critic(critic_input(step, "student")))
+
+    def critic_compute(step: StepOutputs) -> tuple[torch.Tensor, torch.Tensor]:
+        d_teacher = critic(critic_input(step, "teacher"))
+        d_student = critic(critic_input(step, "student").detach())
+        return discriminator_loss(d_teacher, d_student), discriminator_accuracy(
+            d_teacher, d_student
+        )
+
+    where = f"{_layer(student_layer, 'outputs')}->{_layer(teacher_layer, 'outputs')}"
     return [
         Term(
-            spec.name or "hard_label",
+            spec.name or f"adversarial:{where}",
             spec.weight,
-            lambda step: loss(step.student, step.targets),
-            False,
+            compute,
+            needs_teacher=spec.source == "teacher",
+            student_layers=(student_layer,) if student_layer else (),
+            teacher_layers=(teacher_layer,) if teacher_layer and spec.source == "teacher" else (),
+            critic=critic,
+            critic_compute=critic_compute,
+            critic_lr=spec.critic_lr,
         )
     ]
 
@@ -157,7 +356,7 @@ def _pairs(spec: TermSpec, ctx: BuildContext) -> list[tuple[str, str]]:
     if not spec.student.endswith(".*"):
         return [(spec.student, spec.teacher)]
     student_layers = _children(spec.student, ctx.student_shapes)
-    teacher_layers = _children(spec.teacher, ctx.teacher_shapes)
+    teacher_layers = _children(spec.teacher, ctx.shapes_of(spec, "teacher"))
     mapping = spec.layer_map or tuple(uniform_layer_map(len(student_layers), len(teacher_layers)))
     for s, t in mapping:
         if not (0 <= s < len(student_layers) and 0 <= t < len(teacher_layers)):
@@ -185,7 +384,8 @@ def _term_name(spec: TermSpec, student_layer: str, teacher_layer: str) -> str:
 def _feature_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
     terms = []
     for student_layer, teacher_layer in _pairs(spec, ctx):
-        s_shape, t_shape = ctx.student_shapes[student_layer], ctx.teacher_shapes[teacher_layer]
+        s_shape = ctx.student_shapes[student_layer]
+        t_shape = ctx.shapes_of(spec, "teacher")[teacher_layer]
         projector = None
         if spec.kind == "hint":
             try:
@@ -197,14 +397,15 @@ def _feature_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
             if isinstance(projector, nn.Identity):
                 projector = None
         compute = _feature_compute(spec, student_layer, teacher_layer, t_shape)
+        own = spec.source == "student"  # both layers are the student's (self-distillation)
         terms.append(
             Term(
                 _term_name(spec, student_layer, teacher_layer),
                 spec.weight,
                 compute,
-                needs_teacher=True,
-                student_layers=(student_layer,),
-                teacher_layers=(teacher_layer,),
+                needs_teacher=not own,
+                student_layers=(student_layer, teacher_layer) if own else (student_layer,),
+                teacher_layers=() if own else (teacher_layer,),
                 projector=projector,
             )
         )
@@ -214,14 +415,16 @@ def _feature_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
 def _feature_compute(
     spec: TermSpec, student_layer: str, teacher_layer: str, teacher_shape: tuple[int, ...]
 ) -> Callable[[StepOutputs], torch.Tensor]:
-    kind, p, similarity = spec.kind, spec.p, spec.similarity
+    kind, p, similarity, own = spec.kind, spec.p, spec.similarity, spec.source == "student"
 
     projected = f"projected:{_term_name(spec, student_layer, teacher_layer)}"
 
     def compute(step: StepOutputs) -> torch.Tensor:
         # a hint term with a projector reads the projected feature ObjectiveStudent adds
         s = step.student_features.get(projected, step.student_features[student_layer])
-        t = step.teacher_features[teacher_layer]
+        t = (step.student_features if own else step.teacher_features)[teacher_layer]
+        if own:  # the deeper layer teaches; it is not pulled toward the shallow one
+            t = t.detach()
         if kind in ("hint", "attention_transfer") and s.dim() == 4 and s.shape[-2:] != t.shape[-2:]:
             s = align_spatial(s, tuple(t.shape[-2:]))
         if kind == "hint":
@@ -240,12 +443,17 @@ def _relation_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
     loss = rkd_distance_loss if spec.kind == "rkd_distance" else rkd_angle_loss
     student_layer, teacher_layer = spec.student, spec.teacher
 
+    own = spec.source == "student"
+
     def embedding(step: StepOutputs, which: str) -> torch.Tensor:
         layer = student_layer if which == "student" else teacher_layer
         if layer is None:
-            out = step.student if which == "student" else step.teacher
+            out = student_side(step, spec) if which == "student" else teacher_side(step, spec)
+        elif which == "student":
+            out = step.student_features[layer]
         else:
-            out = (step.student_features if which == "student" else step.teacher_features)[layer]
+            out = (step.student_features if own else step.teacher_features)[layer]
+            out = out.detach() if own else out
         return out.flatten(1)
 
     def compute(step: StepOutputs) -> torch.Tensor:
@@ -257,9 +465,11 @@ def _relation_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
             spec.name or f"{spec.kind}:{where}",
             spec.weight,
             compute,
-            needs_teacher=True,
-            student_layers=(student_layer,) if student_layer else (),
-            teacher_layers=(teacher_layer,) if teacher_layer else (),
+            needs_teacher=not own,
+            student_layers=tuple(
+                name for name in (student_layer, teacher_layer if own else None) if name
+            ),
+            teacher_layers=(teacher_layer,) if teacher_layer and not own else (),
         )
     ]
 
@@ -276,12 +486,15 @@ TERMS: dict[str, Callable[[TermSpec, BuildContext], list[Term]]] = {
     "attention_map": _feature_term,  # TinyBERT / MiniLM attention-probability KL
     "rkd_distance": _relation_term,  # Park et al. 2019
     "rkd_angle": _relation_term,  # Park et al. 2019
+    "token_kl": _token_term,  # GKD (Agarwal et al. 2024): forward/reverse KL, generalized JSD
+    "adversarial": _adversarial_term,  # Xu et al. 2018: a discriminator the student learns to fool
 }
 """Every term kind a recipe's `distill.terms` (or `TermSpec.kind`) may name."""
 
 FEATURE_KINDS = ("hint", "attention_transfer", "hidden_state", "attention_map")
 RELATION_KINDS = ("rkd_distance", "rkd_angle")
 OUTPUT_KINDS = ("soft_target", "topk_soft_target", "regression", "dkd")
+TAPPING_KINDS = (*FEATURE_KINDS, *RELATION_KINDS, "adversarial")
 
 
 def classic_terms(
@@ -301,15 +514,22 @@ def classic_terms(
     ]
 
 
+def needs_example(specs: list[TermSpec]) -> bool:
+    """Whether building these terms needs one example batch (to size features or a critic)."""
+    student, teacher = tapped_layers(specs)
+    return bool(student or teacher) or any(s.kind == "adversarial" and s.weight > 0 for s in specs)
+
+
 def tapped_layers(specs: list[TermSpec]) -> tuple[list[str], list[str]]:
     """Layer names (possibly `x.*` patterns) the specs read on the student and on the teacher."""
     student, teacher = [], []
     for spec in specs:
-        if spec.kind in FEATURE_KINDS + RELATION_KINDS:
+        if spec.kind in TAPPING_KINDS:
             if spec.student:
                 student.append(spec.student)
             if spec.teacher:
-                teacher.append(spec.teacher)
+                # self-distillation reads both layers from the student
+                (student if spec.source == "student" else teacher).append(spec.teacher)
     return student, teacher
 
 
@@ -336,14 +556,31 @@ def check_layer_names(model: nn.Module, patterns: list[str]) -> None:
     Taps(model, _resolve(patterns, model))  # validates the names; never attached
 
 
-def _shapes(
-    model: nn.Module | None, example: torch.Tensor | None, names: list[str]
-) -> dict[str, tuple[int, ...]]:
+def to_device(inputs: Any, device: torch.device | str) -> Any:
+    """Move a tensor, or a dict of tensors (tokenised text: input_ids, attention_mask), to `device`."""
+    if isinstance(inputs, dict):
+        return {key: to_device(value, device) for key, value in inputs.items()}
+    return inputs.to(device)
+
+
+def _shapes(model: nn.Module | None, example: Any, names: list[str]) -> dict[str, tuple[int, ...]]:
     if not names:
         return {}
     assert model is not None and example is not None
     device = next(model.parameters()).device  # the teacher may already sit on the accelerator
-    return feature_shapes(model, example.to(device), names)
+    return feature_shapes(model, to_device(example, device), names)
+
+
+def _example_outputs(model: nn.Module, example: Any) -> Any:
+    """The model's outputs on one batch (no_grad, eval mode, training flags restored)."""
+    flags = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(to_device(example, next(model.parameters()).device))
+    finally:
+        for module, flag in flags.items():
+            module.train(flag)
 
 
 def build_objective(
@@ -351,12 +588,21 @@ def build_objective(
     task: str,
     student: nn.Module,
     teacher_module: nn.Module | None,
-    example_inputs: torch.Tensor,
+    example_inputs: Any,
+    output_tasks: dict[str, str] | None = None,
 ) -> list[Term]:
-    """Turn specs into terms, sizing feature terms (and their projectors) from one example batch."""
+    """Turn specs into terms, sizing feature terms (and their projectors) from one example batch.
+
+    output_tasks: the task of each named output when the models return dicts (multi-task heads).
+    """
     unknown = [s.kind for s in specs if s.kind not in TERMS]
     if unknown:
         raise StillroomError(f"unknown term kind {unknown[0]!r}; available: {', '.join(TERMS)}")
+    for spec in specs:
+        if spec.source not in SOURCES:
+            raise StillroomError(f"term '{spec.kind}': source must be one of {SOURCES}")
+        if spec.kind == "token_kl" and spec.mask not in TOKEN_MASKS:
+            raise StillroomError(f"term 'token_kl': mask must be one of {TOKEN_MASKS}")
     student_patterns, teacher_patterns = tapped_layers([s for s in specs if s.weight > 0])
     student_names = _resolve(student_patterns, student)
     if teacher_patterns and teacher_module is None:
@@ -365,15 +611,20 @@ def build_objective(
             "a cached teacher only holds its outputs"
         )
     teacher_names = _resolve(teacher_patterns, teacher_module) if teacher_patterns else []
+    reads_outputs = any(
+        s.kind == "adversarial" and s.student is None and s.weight > 0 for s in specs
+    )
     ctx = BuildContext(
         task,
         _shapes(student, example_inputs, student_names),
         _shapes(teacher_module, example_inputs, teacher_names),
+        dict(output_tasks or {}),
+        _example_outputs(student, example_inputs) if reads_outputs else None,
     )
     terms: list[Term] = []
     for spec in specs:
         # weight-0 output terms are still built: the loop logs them when it can compute them
-        if spec.weight > 0 or spec.kind not in FEATURE_KINDS + RELATION_KINDS:
+        if spec.weight > 0 or spec.kind not in TAPPING_KINDS:
             terms += TERMS[spec.kind](spec, ctx)
     names = [t.name for t in terms]
     duplicated = {n for n in names if names.count(n) > 1}

@@ -44,6 +44,8 @@ class FrozenTeacher:
         with torch.inference_mode():
             out = self.module(inputs)
         # clone outside inference mode: autograd may save this tensor for the student's backward
+        if isinstance(out, dict):  # named outputs (multi-task heads)
+            return {key: value.clone() for key, value in out.items()}
         return out.clone()
 
 

@@ -19,6 +19,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "demo": run.demo,
     "distill": run.distill_command,
     "check": run.check,
+    "methods": run.methods,
     "export": export_cmd.export_command,
     "report": report_cmd.report_command,
     "cache": cache.cache_command,

@@ -18,7 +18,7 @@ from stillroom.cli.common import (
     fresh_run_dir,
     results_table,
 )
-from stillroom.config import dump_recipe, load_recipe
+from stillroom.config import dump_recipe
 
 
 def demo(
@@ -65,17 +65,17 @@ def distill_command(
     progress: ProgressOption = True,
     report: ReportOption = True,
 ) -> None:
-    """Run a recipe: teacher, soft targets, scratch and distilled students, comparison table."""
-    from stillroom.pipeline import run_recipe
+    """Run a recipe (its `method:` picks the workflow; see `stillroom methods`)."""
+    from stillroom.methods import load_method_recipe
     from stillroom.report import build_report
 
-    resolved = load_recipe(recipe, overrides or [])
+    method, resolved = load_method_recipe(recipe, overrides or [])
     run_dir = out or Path("runs") / resolved.name
-    # run_recipe replaces an earlier run only after every check passed: a typo loses nothing
-    result = run_recipe(resolved, run_dir, resume=resume, progress=progress, force=force)
-    console.print(results_table(f"{resolved.name}: test set", result))
+    # a method replaces an earlier run only after every check passed: a typo loses nothing
+    result = method.run(resolved, run_dir, resume=resume, progress=progress, force=force)
+    console.print(method.show(result, f"{resolved.name}: test set"))
     console.print(f"run folder: {run_dir}\n  {run_dir / 'results.md'}", soft_wrap=True)
-    if report:
+    if report and method.report:
         console.print(f"report: {build_report(run_dir)}", soft_wrap=True)
 
 
@@ -84,6 +84,15 @@ def check(
     overrides: OverridesArg = None,
 ) -> None:
     """Validate a recipe and print it resolved, defaults included."""
-    console.print(
-        dump_recipe(load_recipe(recipe, overrides or [])), end="", markup=False, highlight=False
-    )
+    from stillroom.methods import load_method_recipe
+
+    _, resolved = load_method_recipe(recipe, overrides or [])
+    console.print(dump_recipe(resolved), end="", markup=False, highlight=False)
+
+
+def methods() -> None:
+    """List the distillation methods a recipe's `method:` key can name."""
+    from stillroom.methods import METHODS
+
+    for name, method in METHODS.items():
+        console.print(f"[bold]{name}[/bold]: {method.summary}", soft_wrap=True)

@@ -25,11 +25,27 @@ from stillroom.losses.logits import (
     soft_target_loss,
 )
 from stillroom.losses.relations import rkd_angle_loss, rkd_distance_loss
+from stillroom.losses.sequence import (
+    fused_token_distillation_loss,
+    token_distillation_loss,
+    token_divergence,
+    topk_token_divergence,
+)
 from stillroom.losses.topk import TopKTargets, topk_soft_target_loss, topk_targets_from_logits
+
+
+def token_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of (N, L, V) token logits to (N, L) labels (next tokens for a causal LM,
+    masked tokens for an MLM), `IGNORE_INDEX` positions skipped."""
+    return hard_label_loss(logits.movedim(-1, 1), labels)
+
 
 HARD_LABEL_TERMS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "classification": hard_label_loss,
     "regression": hard_target_loss,
+    "language_modeling": token_label_loss,
+    # sentence embeddings: the targets are reference vectors (N, D), fitted by MSE
+    "embedding": hard_target_loss,
 }
 """The supervised term for each task kind."""
 
@@ -69,6 +85,7 @@ __all__ = [
     "blend",
     "decoupled_kd_loss",
     "distillation_loss",
+    "fused_token_distillation_loss",
     "hard_label_loss",
     "hard_target_loss",
     "hidden_state_loss",
@@ -78,7 +95,10 @@ __all__ = [
     "rkd_angle_loss",
     "rkd_distance_loss",
     "soft_target_loss",
+    "token_distillation_loss",
+    "token_divergence",
     "topk_soft_target_loss",
     "topk_targets_from_logits",
+    "topk_token_divergence",
     "uniform_layer_map",
 ]

@@ -34,6 +34,10 @@ class TrainArgs:
     dkd_beta: float = 8.0
     terms: tuple[TermSpec, ...] = ()
     task: str = "classification"
+    # models with named outputs (multi-task heads, self-distillation exits): the task of each
+    # output, and the output whose validation metric picks the best checkpoint (default: first)
+    outputs: dict[str, str] | None = None
+    select: str | None = None
     patience: int | None = None
     grad_accum_steps: int = 1
     max_grad_norm: float | None = None
@@ -78,6 +82,21 @@ class TrainArgs:
                 self.task in HARD_LABEL_TERMS,
                 f"task must be one of {tuple(HARD_LABEL_TERMS)}, got {self.task!r}",
             ),
+            *(
+                (
+                    kind in HARD_LABEL_TERMS,
+                    f"outputs['{key}'] must be one of {tuple(HARD_LABEL_TERMS)}, got {kind!r}",
+                )
+                for key, kind in (self.outputs or {}).items()
+            ),
+            (
+                self.select is None or self.select in (self.outputs or {}),
+                f"select must name one of the outputs {tuple(self.outputs or ())}, got {self.select!r}",
+            ),
+            (
+                self.outputs is None or len(self.outputs) > 0,
+                "outputs must name at least one output",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -85,3 +104,11 @@ class TrainArgs:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def selected(self) -> tuple[str | None, str]:
+        """(output name or None, its task): whose validation metric picks the best checkpoint."""
+        if self.outputs is None:
+            return None, self.task
+        key = self.select or next(iter(self.outputs))
+        return key, self.outputs[key]

@@ -3,6 +3,7 @@
 Layout under `<run>/checkpoints/`:
     epoch-0007/model.safetensors      student weights (loadable as the student alone)
     epoch-0007/objective.safetensors  learned parts of the objective (projectors), when there are any
+    epoch-0007/critics.safetensors    adversarial discriminators and their optimizer, when there are any
     epoch-0007/optimizer.safetensors  optimizer tensors (moments, steps) and the torch RNG state
     epoch-0007/state.json             optimizer scalars and param groups, scheduler, epoch, step,
                                       early-stopping state, metric history
@@ -62,6 +63,8 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: dict[str, Any],
     objective: nn.Module | None = None,
+    critics: nn.Module | None = None,
+    critic_optimizer: torch.optim.Optimizer | None = None,
 ) -> Path:
     """Write the checkpoint after `epoch` (1-based count of finished epochs); returns its folder."""
     root = Path(root)
@@ -82,6 +85,12 @@ def save_checkpoint(
         "optimizer": opt_meta,
         "scheduler": scheduler.state_dict(),
     }
+    if critics is not None and critic_optimizer is not None:
+        critic_tensors, full_state["critic_optimizer"] = _optimizer_split(
+            critic_optimizer.state_dict()
+        )
+        critic_tensors.update({f"model.{k}": v for k, v in critics.state_dict().items()})
+        atomic_save_tensors(critic_tensors, tmp / "critics.safetensors")
     atomic_write_json(tmp / "state.json", full_state)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -112,6 +121,8 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     objective: nn.Module | None = None,
+    critics: nn.Module | None = None,
+    critic_optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG in place; returns the saved training state."""
     state = json.loads((folder / "state.json").read_text())
@@ -122,4 +133,15 @@ def load_checkpoint(
     torch.set_rng_state(opt_tensors.pop("rng.torch"))
     optimizer.load_state_dict(_optimizer_join(opt_tensors, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
+    if critics is not None and critic_optimizer is not None:
+        tensors = load_file(str(folder / "critics.safetensors"))
+        critics.load_state_dict(
+            {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+        )
+        critic_optimizer.load_state_dict(
+            _optimizer_join(
+                {k: v for k, v in tensors.items() if k.startswith("state.")},
+                state["critic_optimizer"],
+            )
+        )
     return state

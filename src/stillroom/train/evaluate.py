@@ -1,8 +1,14 @@
-"""Task metrics on a loader: accuracy for classification, RMSE for regression."""
+"""Task metrics on a loader: accuracy (classification), RMSE (regression), perplexity (language
+modelling), cosine to reference vectors (embeddings); per named output for dict-output models.
+
+Metrics are accumulated batch by batch from per-sample sums, so a language model's (N, L, V) logits
+are never gathered for the whole validation set.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +17,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from stillroom.losses import IGNORE_INDEX
+from stillroom.objective import match_targets, to_device
 
-METRICS = {"classification": ("accuracy", "max"), "regression": ("rmse", "min")}
+METRICS = {
+    "classification": ("accuracy", "max"),
+    "regression": ("rmse", "min"),
+    "language_modeling": ("perplexity", "min"),
+    "embedding": ("cosine", "max"),
+}
 """task -> (the metric that picks the best checkpoint, whether higher or lower is better)."""
 
 
@@ -22,38 +34,120 @@ def is_better(task: str, value: float, best: float | None) -> bool:
     return value > best if METRICS[task][1] == "max" else value < best
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _concat(chunks: list[Any]) -> Any:
+    if isinstance(chunks[0], dict):
+        return {key: torch.cat([c[key] for c in chunks]) for key in chunks[0]}
+    return torch.cat(chunks)
+
+
+def _float_cpu(out: Any) -> Any:
+    if isinstance(out, dict):
+        return {key: value.float().cpu() for key, value in out.items()}
+    return out.float().cpu()
+
+
 @torch.no_grad()
 def predict(model: nn.Module, loader: DataLoader, accelerator: Accelerator | None = None):
-    """(outputs, targets) over the whole loader, gathered across processes when distributed."""
+    """(outputs, targets) over the whole loader, gathered across processes when distributed.
+    Outputs (and targets) are dicts of tensors for models with named outputs."""
     was_training = model.training
     model.eval()
     outputs, targets = [], []
     for batch in loader:
         inputs, target = batch[0], batch[1]
         if accelerator is None:
-            inputs = inputs.to(next(model.parameters()).device)
-        out = model(inputs).float()
+            inputs = to_device(inputs, _device_of(model))
+        out = model(inputs)
         if accelerator is not None:
             out, target = accelerator.gather_for_metrics((out, target))
-        outputs.append(out.cpu())
-        targets.append(target.cpu())
+        outputs.append(_float_cpu(out))
+        targets.append(_float_cpu(target) if isinstance(target, dict) else target.cpu())
     model.train(was_training)
-    return torch.cat(outputs), torch.cat(targets)
+    return _concat(outputs), _concat(targets)
 
 
-def evaluate(
-    model: nn.Module, loader: DataLoader, task: str, accelerator: Accelerator | None = None
-) -> dict[str, float]:
-    """{"accuracy", "loss"} (cross-entropy) or {"rmse", "loss"} (MSE) over labelled samples."""
-    outputs, targets = predict(model, loader, accelerator)
+def _sample_sums(task: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-sample sums (N, 3) the task's metrics are made of: summed over samples, then divided."""
+    outputs = outputs.float()
     if task == "classification":
-        keep = targets != IGNORE_INDEX
-        outputs, targets = outputs[keep], targets[keep]
+        labelled = targets != IGNORE_INDEX
+        safe = torch.where(labelled, targets, 0)
+        nll = F.cross_entropy(outputs, safe, reduction="none")
+        correct = (outputs.argmax(1) == targets).float()
+        w = labelled.float()
+        return torch.stack([correct * w, nll * w, w], dim=1)
+    if task == "regression":
+        outputs = match_targets(outputs, targets)
+        labelled = ~torch.isnan(targets)
+        squared = torch.where(labelled, (outputs - torch.nan_to_num(targets)) ** 2, 0.0)
+        dims = tuple(range(1, squared.dim()))
+        count = labelled.float().sum(dims) if dims else labelled.float()
+        total = squared.sum(dims) if dims else squared
+        return torch.stack([total, total, count], dim=1)
+    if task == "language_modeling":
+        # (N, L, V) logits against (N, L) labels; per sequence: summed NLL, correct, tokens
+        labelled = targets != IGNORE_INDEX
+        safe = torch.where(labelled, targets, 0)
+        nll = F.cross_entropy(outputs.movedim(-1, 1), safe, reduction="none")
+        w = labelled.float()
+        correct = (outputs.argmax(-1) == targets).float() * w
+        return torch.stack([(nll * w).sum(1), correct.sum(1), w.sum(1)], dim=1)
+    assert task == "embedding"
+    cosine = F.cosine_similarity(outputs, targets.float(), dim=1)
+    squared = ((outputs - targets.float()) ** 2).mean(1)
+    return torch.stack([cosine, squared, torch.ones_like(cosine)], dim=1)
+
+
+def _metrics(task: str, sums: torch.Tensor) -> dict[str, float]:
+    a, b, count = (float(v) for v in sums)
+    count = max(count, 1.0)
+    if task == "classification":
+        return {"accuracy": a / count, "loss": b / count}
+    if task == "regression":
+        return {"rmse": math.sqrt(a / count), "loss": a / count}
+    if task == "language_modeling":
         return {
-            "accuracy": (outputs.argmax(1) == targets).float().mean().item(),
-            "loss": F.cross_entropy(outputs, targets).item(),
+            "perplexity": math.exp(min(a / count, 50.0)),
+            "token_accuracy": b / count,
+            "loss": a / count,
         }
-    outputs = outputs.view(targets.shape)
-    labelled = ~torch.isnan(targets)  # NaN marks a sample without a target
-    mse = F.mse_loss(outputs[labelled], targets[labelled]).item()
-    return {"rmse": math.sqrt(mse), "loss": mse}
+    return {"cosine": a / count, "loss": b / count}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    task: str | dict[str, str],
+    accelerator: Accelerator | None = None,
+) -> dict[str, float]:
+    """Metrics over the labelled samples: {"accuracy", "loss"} (classification), {"rmse", "loss"}
+    (regression), {"perplexity", "token_accuracy", "loss"} (language modelling), {"cosine", "loss"}
+    (embeddings). For a model with named outputs, `task` maps each output to its task and the keys
+    are "<output>/<metric>"."""
+    was_training = model.training
+    model.eval()
+    tasks = task if isinstance(task, dict) else {None: task}
+    totals: dict[str | None, torch.Tensor] = {key: torch.zeros(3) for key in tasks}
+    for batch in loader:
+        inputs, target = batch[0], batch[1]
+        if accelerator is None:
+            inputs = to_device(inputs, _device_of(model))
+        out = model(inputs)
+        for key, kind in tasks.items():
+            o = out if key is None else out[key]
+            t = target if key is None else target[key]
+            sums = _sample_sums(kind, o, t.to(o.device))
+            if accelerator is not None:
+                sums = accelerator.gather_for_metrics(sums)
+            totals[key] += sums.sum(0).cpu()
+    model.train(was_training)
+    results: dict[str, float] = {}
+    for key, kind in tasks.items():
+        prefix = "" if key is None else f"{key}/"
+        results.update({prefix + name: v for name, v in _metrics(kind, totals[key]).items()})
+    return results

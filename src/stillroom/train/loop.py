@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,9 +33,10 @@ from stillroom.losses import TopKTargets
 from stillroom.objective import (
     ObjectiveStudent,
     StepOutputs,
+    Term,
     build_objective,
     classic_terms,
-    tapped_layers,
+    needs_example,
 )
 from stillroom.taps import Taps
 from stillroom.teachers import FrozenTeacher, Teacher, as_teacher
@@ -44,6 +46,10 @@ from stillroom.train.evaluate import METRICS, evaluate, is_better
 from stillroom.train.logging import MetricsLog
 
 BEST = "best.safetensors"
+
+BatchTransform = Callable[[Any, Any, Any, nn.Module, int], tuple[Any, Any, Any]]
+"""(inputs, targets, index, student, step) -> (inputs, targets, index): rewrites a batch before the
+step, e.g. on-policy distillation replacing continuations with ones the student samples."""
 
 
 @dataclass
@@ -68,6 +74,7 @@ def distill(
     run_dir: Path | str | None = None,
     resume: bool = False,
     args: TrainArgs | None = None,
+    batch_transform: BatchTransform | None = None,
     **overrides: Any,
 ) -> DistillResult:
     """Train `student` to imitate `teacher` (frozen) while fitting the labels.
@@ -84,6 +91,8 @@ def distill(
         resume: continue from the last checkpoint in `run_dir`.
         args / overrides: a `TrainArgs`, and/or its fields as keywords (alpha=0.9, epochs=10,
             terms=[TermSpec("hint", student="net.2", teacher="head.1")], ...).
+        batch_transform: called on every training batch before the step (see BatchTransform);
+            it must draw its randomness from (seed, step) for resumed runs to replay exactly.
 
     Returns:
         DistillResult with the student at its best validation epoch.
@@ -93,7 +102,9 @@ def distill(
         raise StillroomError("the training loader yields no batches; the training set is empty")
     specs = classic_terms(args.alpha, args.temperature, args.loss, args.dkd_alpha, args.dkd_beta)
     specs += list(args.terms)
-    if teacher is None and any(s.weight > 0 and s.kind != "hard_label" for s in specs):
+    if teacher is None and any(
+        s.weight > 0 and s.kind != "hard_label" and s.source == "teacher" for s in specs
+    ):
         raise StillroomError(
             f"alpha={args.alpha} (or an extra term) weights a distillation term but no teacher "
             "was given; pass a teacher, or set alpha=0 and no terms to train on labels alone"
@@ -112,17 +123,22 @@ def distill(
     teacher_module = frozen.module if isinstance(frozen, FrozenTeacher) else None
     # feature terms are sized from one example batch; drawing it may consume the global RNG, so
     # the seed is fixed after the draw and before projectors are initialised
-    student_patterns, teacher_patterns = tapped_layers(specs)
-    example = _unpack(next(iter(train_loader)))[0] if student_patterns or teacher_patterns else None
+    example = _unpack(next(iter(train_loader)))[0] if needs_example(specs) else None
     set_seed(args.seed)
-    terms = build_objective(specs, args.task, student, teacher_module, example)
+    terms = build_objective(specs, args.task, student, teacher_module, example, args.outputs)
     teacher_layers = list(
         dict.fromkeys(layer for t in terms if t.weight > 0 for layer in t.teacher_layers)
     )
     model = ObjectiveStudent(student, [t for t in terms if t.weight > 0])
+    # second players (adversarial discriminators) train in alternation, with their own optimizer
+    critic_terms = [t for t in terms if t.critic is not None and t.weight > 0]
+    critics = nn.ModuleList([t.critic for t in critic_terms])
+    critic_optimizer = _build_critic_optimizer(critic_terms)
 
     optimizer = _build_optimizer(model, args)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    if critic_terms:
+        critics, critic_optimizer = accelerator.prepare(critics, critic_optimizer)
     # sized from the prepared loader: under multi-process training each process sees its shard
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
     scheduler = _build_scheduler(optimizer, args, steps_per_epoch * args.epochs)
@@ -130,7 +146,9 @@ def distill(
         val_loader = accelerator.prepare(val_loader)
     inner = accelerator.unwrap_model(model)
 
-    metric, _ = METRICS[args.task]
+    select, select_task = args.selected
+    metric = METRICS[select_task][0] if select is None else f"{select}/{METRICS[select_task][0]}"
+    eval_task = args.outputs or args.task
     state: dict[str, Any] = {
         "step": 0,
         "best_value": None,
@@ -141,7 +159,15 @@ def distill(
     start_epoch = 0
     checkpoint = latest_checkpoint(ckpt_root) if (resume and ckpt_root) else None
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, inner.student, optimizer, scheduler, inner.projectors)
+        state = load_checkpoint(
+            checkpoint,
+            inner.student,
+            optimizer,
+            scheduler,
+            inner.projectors,
+            critics=accelerator.unwrap_model(critics) if critic_terms else None,
+            critic_optimizer=critic_optimizer,
+        )
         if accelerator.scaler is not None and "grad_scaler" in state:  # fp16 loss scale
             accelerator.scaler.load_state_dict(state["grad_scaler"])
         start_epoch = state["epoch"]
@@ -163,20 +189,25 @@ def distill(
             train_loader.set_epoch(epoch)
             model.train()
             started = time.perf_counter()
-            sums = dict.fromkeys(["loss", *(t.name for t in terms)], 0.0)
+            sums = dict.fromkeys(
+                ["loss", *(t.name for t in terms), *_critic_names(critic_terms)], 0.0
+            )
             seen = 0
             for batch in train_loader:
                 inputs, targets, index = _unpack(batch)
+                if batch_transform is not None:
+                    inputs, targets, index = batch_transform(
+                        inputs, targets, index, inner.student, state["step"]
+                    )
                 with accelerator.accumulate(model):
                     outputs, student_features = model(inputs)
-                    step = StepOutputs(
-                        _match(outputs, targets, args.task), None, targets, student_features
-                    )
+                    step = StepOutputs(outputs, None, targets, student_features, inputs=inputs)
                     if frozen is not None:
                         step.teacher, step.teacher_features = _teacher_step(
-                            frozen, teacher_layers, inputs, index, targets, args.task
+                            frozen, teacher_layers, inputs, index
                         )
-                        _check_shapes(step.student, step.teacher, args.loss)
+                        if args.alpha > 0:
+                            _check_shapes(step.student, step.teacher, args.loss)
                     # the objective, as arithmetic: sum of weight * term; weight-0 terms only logged
                     values = _term_values(terms, step, has_teacher=frozen is not None)
                     loss = sum(t.weight * values[t.name] for t in terms if t.weight > 0)
@@ -189,7 +220,9 @@ def distill(
                         scheduler.step()
                         state["step"] += 1
                     optimizer.zero_grad()
-                n = len(inputs)
+                # the critics' turn, on this batch with the student's side held fixed
+                values.update(_critic_step(critic_terms, step, critic_optimizer, accelerator))
+                n = _batch_size(inputs, targets)
                 seen += n
                 sums["loss"] += loss.item() * n
                 for name, value in values.items():
@@ -210,12 +243,12 @@ def distill(
                     {
                         f"val/{k}": v
                         for k, v in evaluate(
-                            inner.student, val_loader, args.task, accelerator
+                            inner.student, val_loader, eval_task, accelerator
                         ).items()
                     }
                 )
             value = record.get(f"val/{metric}")
-            improved = val_loader is None or is_better(args.task, value, state["best_value"])
+            improved = val_loader is None or is_better(select_task, value, state["best_value"])
             if improved:
                 state.update(best_value=value, best_epoch=epoch + 1, bad_epochs=0)
                 if run_dir and accelerator.is_main_process:
@@ -246,6 +279,8 @@ def distill(
                     scheduler,
                     saved,
                     inner.projectors,
+                    critics=accelerator.unwrap_model(critics) if critic_terms else None,
+                    critic_optimizer=critic_optimizer,
                 )
 
     trained = inner.student
@@ -277,23 +312,72 @@ def _term_values(terms: list, step: StepOutputs, has_teacher: bool) -> dict[str,
     return values
 
 
+def _critic_names(critic_terms: list[Term]) -> list[str]:
+    return [f"{t.name}/{what}" for t in critic_terms for what in ("critic_loss", "critic_accuracy")]
+
+
+def _critic_step(
+    critic_terms: list[Term],
+    step: StepOutputs,
+    optimizer: torch.optim.Optimizer | None,
+    accelerator: Accelerator,
+) -> dict[str, torch.Tensor]:
+    """One update of every critic on this batch, the student's outputs detached: the student has
+    just moved, now the discriminator answers. Returns their losses and accuracies for the log."""
+    if not critic_terms:
+        return {}
+    assert optimizer is not None
+    detached = replace(
+        step,
+        student=_detach(step.student),
+        student_features={k: v.detach() for k, v in step.student_features.items()},
+    )
+    # the student's adversarial term also left gradients on the critics: start from zero
+    optimizer.zero_grad()
+    logged: dict[str, torch.Tensor] = {}
+    total = 0.0
+    for term in critic_terms:
+        assert term.critic_compute is not None
+        loss, accuracy = term.critic_compute(detached)
+        total = total + loss
+        logged[f"{term.name}/critic_loss"] = loss.detach()
+        logged[f"{term.name}/critic_accuracy"] = accuracy.detach()
+    accelerator.backward(total)
+    optimizer.step()
+    optimizer.zero_grad()
+    return logged
+
+
+def _detach(outputs: Any) -> Any:
+    if isinstance(outputs, dict):
+        return {key: value.detach() for key, value in outputs.items()}
+    return outputs.detach()
+
+
+def _batch_size(inputs: Any, targets: Any) -> int:
+    """Samples in a batch: inputs may be a dict (tokenised text), targets a dict (multi-task)."""
+    for value in (inputs, targets):
+        if isinstance(value, torch.Tensor):
+            return len(value)
+    first = next(iter(targets.values() if isinstance(targets, dict) else inputs.values()))
+    return len(first)
+
+
 def _teacher_step(
     frozen: Teacher,
     layers: list[str],
-    inputs: torch.Tensor,
+    inputs: Any,
     index: torch.Tensor | None,
-    targets: torch.Tensor,
-    task: str,
 ) -> tuple[Any, dict[str, torch.Tensor]]:
     """The teacher's outputs for this batch, and its tapped features (a live teacher only)."""
     if not layers:
-        return _match(frozen(inputs, index), targets, task), {}
+        return frozen(inputs, index), {}
     assert isinstance(frozen, FrozenTeacher)
     with Taps(frozen.module, layers) as taps:
         outputs = frozen(inputs, index)
         # clone out of inference mode: the loss saves these tensors for the student's backward
         features = {name: value.clone() for name, value in taps.outputs.items()}
-    return _match(outputs, targets, task), features
+    return outputs, features
 
 
 def _check_run_dir(run_dir: Path | None, resume: bool) -> None:
@@ -326,18 +410,9 @@ def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None
     )
 
 
-def _match(outputs: torch.Tensor, targets: torch.Tensor, task: str) -> torch.Tensor:
-    """Regression heads emit (N, 1) for (N,) targets: view them alike."""
-    if (
-        task == "regression"
-        and outputs.shape != targets.shape
-        and outputs.numel() == targets.numel()
-    ):
-        return outputs.view(targets.shape)
-    return outputs
-
-
-def _check_shapes(student_outputs: torch.Tensor, teacher_outputs: Any, loss: str) -> None:
+def _check_shapes(student_outputs: Any, teacher_outputs: Any, loss: str) -> None:
+    if isinstance(student_outputs, dict) or isinstance(teacher_outputs, dict):
+        return  # named outputs: each term checks the pair it reads
     if isinstance(teacher_outputs, TopKTargets):
         if loss != "topk_soft_target":
             raise StillroomError(
@@ -355,7 +430,9 @@ def _check_shapes(student_outputs: torch.Tensor, teacher_outputs: Any, loss: str
         raise StillroomError(
             "distill.loss=topk_soft_target needs a top-k store as the teacher (stillroom cache --top-k K)"
         )
-    if student_outputs.shape != teacher_outputs.shape:
+    if student_outputs.shape != teacher_outputs.shape and not (
+        loss == "regression" and student_outputs.numel() == teacher_outputs.numel()
+    ):
         raise StillroomError(
             f"student outputs {tuple(student_outputs.shape)} but teacher outputs "
             f"{tuple(teacher_outputs.shape)}: give the student the teacher's number of outputs "
@@ -394,6 +471,14 @@ def _build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer
             params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True
         )
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def _build_critic_optimizer(critic_terms: list[Term]) -> torch.optim.Optimizer | None:
+    """Adam with beta1 = 0.5, the usual choice for GAN discriminators (Radford et al. 2016)."""
+    if not critic_terms:
+        return None
+    groups = [{"params": list(t.critic.parameters()), "lr": t.critic_lr} for t in critic_terms]
+    return torch.optim.Adam(groups, betas=(0.5, 0.999))
 
 
 def _build_scheduler(

@@ -1,0 +1,66 @@
+"""METHODS: the one table of distillation workflows a recipe's `method:` key can name.
+
+Each row is the recipe schema the method validates against, the function that runs it into a run
+folder, and the function that renders its results for the terminal. `stillroom distill RECIPE`
+reads `method` from the recipe (default "classic"), validates the rest against that schema and runs
+it; the Python API calls the run functions (or `stillroom.distill`) directly.
+
+    run(recipe, run_dir, *, resume, progress, force) -> result
+    show(result, title) -> a rich renderable (table) for the terminal
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from stillroom.config import Recipe, read_recipe_tree, validate_recipe
+from stillroom.errors import StillroomError
+from stillroom.pipeline import run_recipe
+
+
+@dataclass(frozen=True)
+class Method:
+    schema: type[BaseModel]
+    run: Callable[..., Any]
+    show: Callable[[Any, str], Any]
+    summary: str
+    report: bool = False
+    """Whether `stillroom report` applies to the run folder (teacher, scratch and kd students)."""
+
+
+def _show_classic(result: Any, title: str) -> Any:
+    from stillroom.cli.common import results_table
+
+    return results_table(title, result)
+
+
+METHODS: dict[str, Method] = {
+    "classic": Method(
+        Recipe,
+        run_recipe,
+        _show_classic,
+        "teacher -> student with soft targets and any extra terms (features, relations, DKD, "
+        "adversarial), beside the same student trained on labels alone",
+        report=True,
+    ),
+    # --- further methods: one row each, below this line ---
+}
+
+
+def load_method_recipe(
+    path: Path | str | None, overrides: list[str] | None = None
+) -> tuple[Method, BaseModel]:
+    """Read a recipe of any method: its `method` key picks the schema it is validated against."""
+    tree, source = read_recipe_tree(path, overrides)
+    name = tree.get("method", "classic")
+    if name not in METHODS:
+        raise StillroomError(
+            f"{source}: method: unknown method {name!r}; available: {', '.join(METHODS)}"
+        )
+    method = METHODS[name]
+    return method, validate_recipe(tree, source, method.schema)
