@@ -19,6 +19,8 @@ class TrainArgs:
 
     alpha weights the distillation term: `loss = alpha * distillation + (1 - alpha) * hard_label`,
     and `terms` adds further weighted terms (features, attention, relations, DKD) to that sum.
+    alpha=None drops that classic pair: the objective is then exactly `terms` (the way to weight
+    every term yourself, and what models with named `outputs` always use).
     """
 
     epochs: int = 20
@@ -27,7 +29,7 @@ class TrainArgs:
     optimizer: str = "adamw"
     scheduler: str = "cosine"
     warmup_steps: int = 0
-    alpha: float = 0.9
+    alpha: float | None = 0.9
     temperature: float = 4.0
     loss: str = "soft_target"
     dkd_alpha: float = 1.0
@@ -51,7 +53,10 @@ class TrainArgs:
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (0.0 <= self.alpha <= 1.0, f"alpha must be in [0, 1], got {self.alpha}"),
+            (
+                self.alpha is None or 0.0 <= self.alpha <= 1.0,
+                f"alpha must be in [0, 1] (or None: terms only), got {self.alpha}",
+            ),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
             (
                 self.grad_accum_steps >= 1,
@@ -104,6 +109,11 @@ class TrainArgs:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def classic(self) -> bool:
+        """Whether the objective starts with `alpha * distillation + (1 - alpha) * hard_label`."""
+        return self.alpha is not None and self.outputs is None
 
     @property
     def selected(self) -> tuple[str | None, str]:

@@ -100,8 +100,14 @@ def distill(
     args = replace(args or TrainArgs(), **overrides) if overrides else (args or TrainArgs())
     if len(train_loader) == 0:
         raise StillroomError("the training loader yields no batches; the training set is empty")
-    specs = classic_terms(args.alpha, args.temperature, args.loss, args.dkd_alpha, args.dkd_beta)
+    specs = (
+        classic_terms(args.alpha, args.temperature, args.loss, args.dkd_alpha, args.dkd_beta)
+        if args.classic
+        else []
+    )
     specs += list(args.terms)
+    if not specs:
+        raise StillroomError("the objective has no terms: give alpha, or terms, or both")
     if teacher is None and any(
         s.weight > 0 and s.kind != "hard_label" and s.source == "teacher" for s in specs
     ):
@@ -206,7 +212,7 @@ def distill(
                         step.teacher, step.teacher_features = _teacher_step(
                             frozen, teacher_layers, inputs, index
                         )
-                        if args.alpha > 0:
+                        if args.classic and args.alpha > 0:
                             _check_shapes(step.student, step.teacher, args.loss)
                     # the objective, as arithmetic: sum of weight * term; weight-0 terms only logged
                     values = _term_values(terms, step, has_teacher=frozen is not None)
