@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stillroom.config import Recipe, dump_recipe, load_recipe
+from stillroom.config import dump_recipe, load_recipe
 from stillroom.errors import StillroomError
+from stillroom.methods import METHODS, load_method_recipe
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 
@@ -19,10 +20,20 @@ def test_recipes_folder_is_not_empty() -> None:
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_loads(path: Path) -> None:
-    recipe = load_recipe(path)
+    method, recipe = load_method_recipe(path)
     assert recipe.name == path.stem
     # the resolved form round-trips: what the run folder saves can be run again
-    assert Recipe.model_validate(yaml.safe_load(dump_recipe(recipe))) == recipe
+    assert method.schema.model_validate(yaml.safe_load(dump_recipe(recipe))) == recipe
+
+
+def test_every_method_has_a_shipped_recipe() -> None:
+    used = {yaml.safe_load(path.read_text()).get("method", "classic") for path in RECIPES}
+    assert used == set(METHODS)
+
+
+def test_an_unknown_method_is_one_line_error() -> None:
+    with pytest.raises(StillroomError, match="unknown method 'bagging'; available: classic"):
+        load_method_recipe(None, ["method=bagging"])
 
 
 def test_defaults_are_the_digits_recipe() -> None:
