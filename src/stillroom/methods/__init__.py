@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from stillroom.config import Recipe, read_recipe_tree, validate_recipe
 from stillroom.errors import StillroomError
+from stillroom.methods import ensemble
 from stillroom.pipeline import run_recipe
 
 
@@ -49,6 +50,13 @@ METHODS: dict[str, Method] = {
         report=True,
     ),
     # --- further methods: one row each, below this line ---
+    "ensemble": Method(
+        ensemble.EnsembleRecipe,
+        ensemble.run_ensemble,
+        ensemble.show,
+        "several teachers of any architectures merged into one soft label (mean of probabilities "
+        "or logits, fixed or validation-fitted weights) -> one student; reports every member",
+    ),
 }
 
 
