@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from stillroom.config import Recipe, read_recipe_tree, validate_recipe
 from stillroom.errors import StillroomError
-from stillroom.methods import ensemble
+from stillroom.methods import born_again, ensemble
 from stillroom.pipeline import run_recipe
 
 
@@ -50,6 +50,13 @@ METHODS: dict[str, Method] = {
         report=True,
     ),
     # --- further methods: one row each, below this line ---
+    "born_again": Method(
+        born_again.ChainRecipe,
+        born_again.run_chain,
+        born_again.show,
+        "a chain of generations, each trained student the teacher of the next (born-again: equal "
+        "sizes; teacher-assistant: shrinking), beside each architecture trained on labels alone",
+    ),
     "ensemble": Method(
         ensemble.EnsembleRecipe,
         ensemble.run_ensemble,
