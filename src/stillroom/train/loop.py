@@ -457,9 +457,8 @@ def _check_finite(
     if torch.isfinite(loss):
         return
     bad = [name for name, value in values.items() if not torch.isfinite(value)]
-    where = (
-        f"the last good checkpoint is in {ckpt_root}" if ckpt_root else "no checkpoint was written"
-    )
+    saved = ckpt_root is not None and (ckpt_root / "latest.json").is_file()
+    where = f"the last good checkpoint is in {ckpt_root}" if saved else "no checkpoint was written"
     raise NonFiniteLossError(
         f"loss term '{bad[0] if bad else 'total'}' became {loss.item()} at step {step + 1} "
         f"(epoch {epoch + 1}); {where}. Lower lr, or check the inputs/teacher outputs for NaN"
