@@ -342,3 +342,13 @@ def test_transformer_shapes() -> None:
     assert out.shape == (6, 3)
     assert sum(p.numel() for p in model.parameters()) < 50_000
     assert torch.isfinite(out).all()
+
+
+def test_a_run_of_another_method_is_refused_in_one_line(tmp_path: Path) -> None:
+    from stillroom.export.run_folder import open_run
+
+    (tmp_path / "config.yaml").write_text("method: multitask\nname: mt\n")
+    with pytest.raises(
+        StillroomError, match="is a 'multitask' run; export and report take classic"
+    ):
+        open_run(tmp_path)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
 from stillroom.config import Recipe, load_recipe
@@ -66,6 +67,14 @@ def open_run(run_dir: Path, required: tuple[str, ...] = ("student_kd",)) -> RunF
         raise StillroomError(
             f"{run_dir} is not a stillroom run folder: it holds no config.yaml; give the folder "
             "`stillroom distill` wrote (its --out)"
+        )
+    method = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("method", "classic")
+    if method != "classic":
+        raise StillroomError(
+            f"{run_dir} is a '{method}' run; export and report take classic runs (teacher -> "
+            "student_scratch / student_kd). Its students are saved as model.json + "
+            "model.safetensors (or save_pretrained folders) inside the run folder; load them with "
+            "stillroom.models.load_model"
         )
     roles = tuple(role for role in ROLES if (run_dir / role / "model.json").is_file())
     missing = [role for role in required if role not in roles]

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from stillroom.config import Recipe, read_recipe_tree, validate_recipe
 from stillroom.errors import StillroomError
-from stillroom.methods import born_again, ensemble
+from stillroom.methods import born_again, ensemble, multitask
 from stillroom.pipeline import run_recipe
 
 
@@ -50,6 +50,13 @@ METHODS: dict[str, Method] = {
         report=True,
     ),
     # --- further methods: one row each, below this line ---
+    "multitask": Method(
+        multitask.MultiTaskRecipe,
+        multitask.run_multitask,
+        multitask.show,
+        "a teacher with one head per task (classification and regression) distilled into a "
+        "multi-head student, with per-task loss, temperature, alpha, weight and label fraction",
+    ),
     "born_again": Method(
         born_again.ChainRecipe,
         born_again.run_chain,
