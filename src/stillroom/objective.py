@@ -652,7 +652,8 @@ class ObjectiveStudent(nn.Module):
         self.projected: list[tuple[str, str, str]] = []  # (layer, projector key, feature key)
         for term in terms:
             if term.projector is not None:
-                assert len(term.student_layers) == 1
+                # the projected layer is the first; a self-distillation hint (source="student")
+                # also taps its deeper layer, second, which is never projected
                 key = f"p{len(self.projectors)}"
                 self.projectors[key] = term.projector
                 self.projected.append((term.student_layers[0], key, f"projected:{term.name}"))

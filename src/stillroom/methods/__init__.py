@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from stillroom.config import Recipe, read_recipe_tree, validate_recipe
 from stillroom.errors import StillroomError
-from stillroom.methods import born_again, ensemble, multitask
+from stillroom.methods import born_again, ensemble, multitask, self_distill
 from stillroom.pipeline import run_recipe
 
 
@@ -56,6 +56,13 @@ METHODS: dict[str, Method] = {
         multitask.show,
         "a teacher with one head per task (classification and regression) distilled into a "
         "multi-head student, with per-task loss, temperature, alpha, weight and label fraction",
+    ),
+    "self_distill": Method(
+        self_distill.SelfDistillRecipe,
+        self_distill.run_self_distill,
+        self_distill.show,
+        "one network with early exits whose shallow exits learn from its deepest (Be Your Own "
+        "Teacher); per exit accuracy and latency beside deep supervision and the plain network",
     ),
     "born_again": Method(
         born_again.ChainRecipe,

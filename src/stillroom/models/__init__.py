@@ -19,6 +19,7 @@ from stillroom.errors import StillroomError
 from stillroom.io import atomic_save_tensors, atomic_write_text
 from stillroom.models.cnn import SmallCNN
 from stillroom.models.mlp import MLP
+from stillroom.models.multiexit import build_multiexit
 from stillroom.models.multitask import build_multitask
 from stillroom.models.resnet import ResNet
 
@@ -50,6 +51,7 @@ MODELS: dict[str, Callable[[dict[str, Any], tuple[int, ...], int], nn.Module]] =
     "mlp": _build_mlp,
     "cnn": _build_cnn,
     "resnet": _build_resnet,
+    "multiexit": build_multiexit,  # ResNet with early exits (self-distillation)
     "multitask": build_multitask,  # shared trunk + named task heads (multi-task)
 }
 """Every architecture a recipe's `kind` may name."""

@@ -140,7 +140,8 @@ def evaluate(
         out = model(inputs)
         for key, kind in tasks.items():
             o = out if key is None else out[key]
-            t = target if key is None else target[key]
+            # one label tensor serves every named output (the exits of a self-distilled network)
+            t = target[key] if isinstance(target, dict) else target
             sums = _sample_sums(kind, o, t.to(o.device))
             if accelerator is not None:
                 sums = accelerator.gather_for_metrics(sums)
