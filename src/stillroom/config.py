@@ -166,7 +166,7 @@ class TermSection(_Section):
         "labels", description="token_kl: which tokens count (labels != -100, attention_mask, all)"
     )
     hidden: int = Field(64, ge=1, description="adversarial: discriminator hidden width")
-    critic_lr: float = Field(2e-4, gt=0, description="adversarial: discriminator learning rate")
+    critic_lr: float = Field(1e-3, gt=0, description="adversarial: discriminator learning rate")
 
     @model_validator(mode="after")
     def _layers_given(self) -> TermSection:

@@ -88,7 +88,7 @@ class TermSpec:
     chunk_size: int | None = None
     mask: str = "labels"
     hidden: int = 64
-    critic_lr: float = 2e-4
+    critic_lr: float = 1e-3
 
 
 SOURCES = ("teacher", "student")
@@ -179,7 +179,7 @@ class Term:
     # critic_compute(step with the student detached) -> (critic loss, critic accuracy)
     critic: nn.Module | None = None
     critic_compute: Callable[[StepOutputs], tuple[torch.Tensor, torch.Tensor]] | None = None
-    critic_lr: float = 2e-4
+    critic_lr: float = 1e-3
 
 
 @dataclass

@@ -36,7 +36,7 @@ from stillroom.errors import StillroomError
 from stillroom.io import atomic_write_json, atomic_write_text
 from stillroom.measure import format_bytes, model_costs
 from stillroom.models import build_model, load_model, save_model
-from stillroom.objective import check_layer_names, tapped_layers
+from stillroom.objective import build_objective, check_layer_names, tapped_layers
 from stillroom.store import StoreTeacher
 from stillroom.teachers import CachedTeacher, generate_soft_targets
 from stillroom.train import TrainArgs, distill, evaluate, predict
@@ -70,18 +70,24 @@ def _build(
 
 
 def _check_term_layers(recipe: Recipe, input_shape: tuple[int, ...], num_outputs: int) -> None:
-    """Fail on a term's unknown layer name now, not after the teacher has trained."""
-    student_names, teacher_names = tapped_layers(
-        list(recipe.train_args(recipe.distill, "classification").terms)
-    )
+    """Fail on a term's unknown layer name, or on layers a term cannot pair (an adversarial term
+    over layers of different shapes), now: not after the teacher has trained."""
+    specs = list(recipe.train_args(recipe.distill, "classification").terms)
+    student_names, teacher_names = tapped_layers(specs)
+    if not (student_names or teacher_names):
+        return
+    student = build_model(recipe.student.spec(), input_shape, num_outputs)
     if student_names:
-        check_layer_names(
-            build_model(recipe.student.spec(), input_shape, num_outputs), student_names
-        )
+        check_layer_names(student, student_names)
+    teacher = None
     if teacher_names and recipe.teacher.checkpoint is None:
-        check_layer_names(
-            build_model(recipe.teacher.spec(), input_shape, num_outputs), teacher_names
-        )
+        teacher = build_model(recipe.teacher.spec(), input_shape, num_outputs)
+        check_layer_names(teacher, teacher_names)
+    if teacher_names and teacher is None:
+        return  # a teacher checkpoint: its layers are checked when the run loads it
+    # size every tapped term on a dummy batch; its random draws must not shift the run's seeds
+    with torch.random.fork_rng():
+        build_objective(specs, "classification", student, teacher, torch.zeros((2, *input_shape)))
 
 
 def _check_task(recipe: Recipe, task: str) -> None:

@@ -143,8 +143,9 @@ def distill(
 
     optimizer = _build_optimizer(model, args)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    if critic_terms:
-        critics, critic_optimizer = accelerator.prepare(critics, critic_optimizer)
+    # critics are moved, not prepared: an AcceleratedOptimizer would hold their updates until the
+    # student's gradient-accumulation sync, and the terms call the bare critic, never a DDP wrapper
+    critics.to(accelerator.device)
     # sized from the prepared loader: under multi-process training each process sees its shard
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
     scheduler = _build_scheduler(optimizer, args, steps_per_epoch * args.epochs)
@@ -171,7 +172,7 @@ def distill(
             optimizer,
             scheduler,
             inner.projectors,
-            critics=accelerator.unwrap_model(critics) if critic_terms else None,
+            critics=critics if critic_terms else None,
             critic_optimizer=critic_optimizer,
         )
         if accelerator.scaler is not None and "grad_scaler" in state:  # fp16 loss scale
@@ -285,7 +286,7 @@ def distill(
                     scheduler,
                     saved,
                     inner.projectors,
-                    critics=accelerator.unwrap_model(critics) if critic_terms else None,
+                    critics=critics if critic_terms else None,
                     critic_optimizer=critic_optimizer,
                 )
 
@@ -348,7 +349,12 @@ def _critic_step(
         total = total + loss
         logged[f"{term.name}/critic_loss"] = loss.detach()
         logged[f"{term.name}/critic_accuracy"] = accuracy.detach()
-    accelerator.backward(total)
+    total.backward()
+    if accelerator.num_processes > 1:  # the critics are not DDP-wrapped: average their gradients
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
     optimizer.step()
     optimizer.zero_grad()
     return logged
