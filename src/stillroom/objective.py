@@ -432,7 +432,11 @@ def _feature_compute(
         if kind == "attention_transfer":
             return attention_transfer_loss(s, t, p=p)
         if kind == "hidden_state":
-            return hidden_state_loss(s, t, kind=similarity)
+            # tokenised text: padding positions carry no meaning, leave them out
+            mask = None
+            if isinstance(step.inputs, dict) and "attention_mask" in step.inputs and s.dim() == 3:
+                mask = step.inputs["attention_mask"].bool()
+            return hidden_state_loss(s, t, kind=similarity, mask=mask)
         assert kind == "attention_map"
         return attention_map_kl(s, t)
 

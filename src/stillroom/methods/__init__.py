@@ -20,7 +20,14 @@ from pydantic import BaseModel
 
 from stillroom.config import Recipe, read_recipe_tree, validate_recipe
 from stillroom.errors import StillroomError
-from stillroom.methods import born_again, ensemble, multitask, self_distill
+from stillroom.methods import (
+    born_again,
+    encoder,
+    ensemble,
+    multitask,
+    self_distill,
+    sentence_embedding,
+)
 from stillroom.pipeline import run_recipe
 
 
@@ -50,6 +57,20 @@ METHODS: dict[str, Method] = {
         report=True,
     ),
     # --- further methods: one row each, below this line ---
+    "encoder": Method(
+        encoder.EncoderRecipe,
+        encoder.run_encoder,
+        encoder.show,
+        "DistilBERT-style: a transformers encoder reduced to some of its layers (sequence "
+        "classification or masked LM), soft targets + hidden-state cosine + labels",
+    ),
+    "sentence_embedding": Method(
+        sentence_embedding.SentenceEmbeddingRecipe,
+        sentence_embedding.run_sentence_embedding,
+        sentence_embedding.show,
+        "a sentence encoder (e.g. all-MiniLM-L6-v2) distilled into a few of its layers: MSE to "
+        "stored teacher embeddings; agreement, probe accuracy and throughput vs the teacher",
+    ),
     "multitask": Method(
         multitask.MultiTaskRecipe,
         multitask.run_multitask,
