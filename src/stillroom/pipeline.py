@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 
 from stillroom.config import Recipe, dump_recipe
 from stillroom.data import (
@@ -61,7 +62,7 @@ def prepare_data(recipe: Recipe) -> tuple[Splits, ArrayData]:
     return splits, hide_labels(splits.train, recipe.data.label_fraction, recipe.seed)
 
 
-def _build(
+def build_seeded(
     spec: dict[str, Any], input_shape: tuple[int, ...], num_outputs: int, seed: int
 ) -> torch.nn.Module:
     """Build with a fixed seed: initial weights must not depend on what ran before in the process."""
@@ -90,7 +91,7 @@ def _check_term_layers(recipe: Recipe, input_shape: tuple[int, ...], num_outputs
         build_objective(specs, "classification", student, teacher, torch.zeros((2, *input_shape)))
 
 
-def _check_task(recipe: Recipe, task: str) -> None:
+def check_task(recipe: Recipe, task: str) -> None:
     fitting = {
         "classification": ("soft_target", "topk_soft_target", "dkd"),
         "regression": ("regression",),
@@ -102,7 +103,7 @@ def _check_task(recipe: Recipe, task: str) -> None:
         )
 
 
-def _train_phase(
+def train_phase(
     name: str,
     run_dir: Path,
     teacher: Any,
@@ -144,12 +145,11 @@ def run_recipe(
     # everything that can be checked before any training is checked before the run folder exists
     splits, student_train = prepare_data(recipe)
     task = splits.train.task
-    _check_task(recipe, task)
+    check_task(recipe, task)
     input_shape, num_outputs = splits.train.input_shape, splits.train.num_outputs
     _check_term_layers(recipe, input_shape, num_outputs)
-    if resume and force:
-        raise StillroomError("--resume and --force contradict each other; pass one")
-    _prepare_run_dir(run_dir, recipe, resume, force)
+    protected = (recipe.teacher.checkpoint, recipe.teacher.store, recipe.data.path)
+    prepare_run_dir(run_dir, recipe, resume, force, protected)
     batch = recipe.data.batch_size
 
     # 1. the teacher: loaded, or trained on every training label: it stands for the big, accurate
@@ -172,11 +172,11 @@ def run_recipe(
         teacher_args = recipe.train_args(
             recipe.teacher.train, task, alpha=0.0, progress=progress, description="teacher"
         )
-        teacher = _train_phase(
+        teacher = train_phase(
             "teacher",
             run_dir,
             None,
-            _build(recipe.teacher.spec(), input_shape, num_outputs, recipe.seed),
+            build_seeded(recipe.teacher.spec(), input_shape, num_outputs, recipe.seed),
             recipe.teacher.spec(),
             splits.train,
             splits.val,
@@ -197,11 +197,11 @@ def run_recipe(
             recipe.distill, task, alpha=0.0, terms=(), progress=progress, description="scratch"
         )
         # without a teacher only the labelled samples carry any signal
-        students["student_scratch"] = _train_phase(
+        students["student_scratch"] = train_phase(
             "student_scratch",
             run_dir,
             None,
-            _build(student_spec, input_shape, num_outputs, recipe.seed),
+            build_seeded(student_spec, input_shape, num_outputs, recipe.seed),
             student_spec,
             labelled_only(student_train),
             splits.val,
@@ -218,11 +218,11 @@ def run_recipe(
         kd_teacher = StoreTeacher(recipe.teacher.store, teacher=teacher, data=student_train)
     else:
         kd_teacher = CachedTeacher(soft_targets.outputs)
-    students["student_kd"] = _train_phase(
+    students["student_kd"] = train_phase(
         "student_kd",
         run_dir,
         kd_teacher,
-        _build(student_spec, input_shape, num_outputs, recipe.seed),
+        build_seeded(student_spec, input_shape, num_outputs, recipe.seed),
         student_spec,
         student_train,
         splits.val,
@@ -290,8 +290,18 @@ def claim_run_dir(run_dir: Path, force: bool, protected: tuple[Path | None, ...]
     shutil.rmtree(run_dir)
 
 
-def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, force: bool) -> None:
+def prepare_run_dir(
+    run_dir: Path,
+    recipe: BaseModel,
+    resume: bool,
+    force: bool,
+    protected: tuple[Path | None, ...] = (),
+) -> None:
+    """A fresh run folder holding the resolved recipe as config.yaml, or (resume) one started with
+    the same recipe. `force` replaces an earlier run, never deleting the `protected` inputs."""
     config_path = run_dir / "config.yaml"
+    if resume and force:
+        raise StillroomError("--resume and --force contradict each other; pass one")
     if resume:
         if not config_path.is_file():
             raise StillroomError(
@@ -303,9 +313,7 @@ def _prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool, force: bool) -
                 "resume with the same recipe and overrides, or start a new run folder"
             )
         return
-    claim_run_dir(
-        run_dir, force, (recipe.teacher.checkpoint, recipe.teacher.store, recipe.data.path)
-    )
+    claim_run_dir(run_dir, force, protected)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_path, dump_recipe(recipe))
 

@@ -22,6 +22,7 @@ from stillroom.config import Recipe, read_recipe_tree, validate_recipe
 from stillroom.errors import StillroomError
 from stillroom.methods import (
     born_again,
+    causal_lm,
     encoder,
     ensemble,
     multitask,
@@ -70,6 +71,13 @@ METHODS: dict[str, Method] = {
         sentence_embedding.show,
         "a sentence encoder (e.g. all-MiniLM-L6-v2) distilled into a few of its layers: MSE to "
         "stored teacher embeddings; agreement, probe accuracy and throughput vs the teacher",
+    ),
+    "causal_lm": Method(
+        causal_lm.CausalLMRecipe,
+        causal_lm.run_causal_lm,
+        causal_lm.show,
+        "a causal language model (local Hugging Face folder or GGUF) distilled token by token into "
+        "a smaller Llama: forward/reverse KL or generalized JSD, top-k store, on-policy (GKD)",
     ),
     "multitask": Method(
         multitask.MultiTaskRecipe,

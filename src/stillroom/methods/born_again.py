@@ -51,12 +51,12 @@ from stillroom.methods.chain import (
 from stillroom.models import build_model, load_model, save_model
 from stillroom.objective import check_layer_names, tapped_layers
 from stillroom.pipeline import (
-    _build,
-    _check_task,
-    _prepare_run_dir,
-    _train_phase,
+    build_seeded,
+    check_task,
     gap_closed,
     prepare_data,
+    prepare_run_dir,
+    train_phase,
 )
 from stillroom.train import predict
 from stillroom.train.evaluate import METRICS, is_better
@@ -194,7 +194,14 @@ def _prepare_chain_dir(run_dir: Path, recipe: ChainRecipe, resume: bool, force: 
     complete may differ from the recipe the run started with."""
     config = run_dir / "config.yaml"
     if not resume or not config.is_file():
-        _prepare_run_dir(run_dir, recipe, resume, force)  # also refuses a resume without a run
+        # also refuses a resume without a run
+        prepare_run_dir(
+            run_dir,
+            recipe,
+            resume,
+            force,
+            (recipe.teacher.checkpoint, recipe.teacher.store, recipe.data.path),
+        )
         return
     before, after = yaml.safe_load(config.read_text()), recipe.model_dump(mode="json")
     old, new = before.pop("generations", None) or [], after.pop("generations")
@@ -229,7 +236,7 @@ def run_chain(
     # everything that can be checked before any training is checked before the run folder exists
     splits, student_train = prepare_data(recipe)
     task = splits.train.task
-    _check_task(recipe, task)
+    check_task(recipe, task)
     input_shape, num_outputs = splits.train.input_shape, splits.train.num_outputs
     _check_chain(recipe, task, input_shape, num_outputs)
     if resume and force:
@@ -251,11 +258,11 @@ def run_chain(
             teacher_args = recipe.train_args(
                 recipe.teacher.train, task, alpha=0.0, progress=progress, description="gen-0"
             )
-            teacher = _train_phase(
+            teacher = train_phase(
                 "gen-0",
                 run_dir,
                 None,
-                _build(recipe.teacher.spec(), input_shape, num_outputs, recipe.seed),
+                build_seeded(recipe.teacher.spec(), input_shape, num_outputs, recipe.seed),
                 recipe.teacher.spec(),
                 splits.train,
                 splits.val,
@@ -269,7 +276,7 @@ def run_chain(
     # 2. generations 1..N: initial weights differ per generation (seed + k), the data order does not
     students = []
     for k, gen in enumerate(recipe.generations, start=1):
-        students.append(_build(gen.spec(), input_shape, num_outputs, recipe.seed + k))
+        students.append(build_seeded(gen.spec(), input_shape, num_outputs, recipe.seed + k))
         folder = run_dir / f"gen-{k}"
         if not is_complete(folder):  # the architecture is known before the weights exist
             folder.mkdir(exist_ok=True)
@@ -302,11 +309,11 @@ def run_chain(
                 scratch[name] = load_model(run_dir / name)[0]
                 continue
             # without a teacher only the labelled samples carry any signal
-            scratch[name] = _train_phase(
+            scratch[name] = train_phase(
                 name,
                 run_dir,
                 None,
-                _build(gen.spec(), input_shape, num_outputs, recipe.seed + k),
+                build_seeded(gen.spec(), input_shape, num_outputs, recipe.seed + k),
                 gen.spec(),
                 labelled_only(student_train),
                 splits.val,

@@ -34,7 +34,7 @@ from rich import box
 from rich.table import Table
 from torch import nn
 
-from stillroom.config import TrainSection, dump_recipe
+from stillroom.config import TrainSection
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_write_json, atomic_write_text
 from stillroom.llm.encoder import (
@@ -52,7 +52,7 @@ from stillroom.llm.hub import load_pretrained, load_tokenizer, package_folder
 from stillroom.llm.sentences import SentenceCorpus, load_corpus, split_documents
 from stillroom.losses import IGNORE_INDEX
 from stillroom.objective import TermSpec
-from stillroom.pipeline import claim_run_dir
+from stillroom.pipeline import claim_run_dir, prepare_run_dir
 from stillroom.train import TrainArgs, distill, evaluate
 from stillroom.train.evaluate import predict
 
@@ -211,27 +211,6 @@ def load_text_teacher(
     return tiny_bert(section.tiny.config(), kind, len(tokenizer), num_labels), tokenizer
 
 
-def prepare_text_run_dir(
-    run_dir: Path, recipe: BaseModel, resume: bool, force: bool, protected: tuple
-) -> None:
-    """A fresh run folder holding config.yaml, or a resumed one started with the same recipe."""
-    config = run_dir / "config.yaml"
-    if resume and force:
-        raise StillroomError("--resume and --force contradict each other; pass one")
-    if resume:
-        if not config.is_file():
-            raise StillroomError(f"nothing to resume in {run_dir}: it holds no config.yaml")
-        if config.read_text() != dump_recipe(recipe):
-            raise StillroomError(
-                f"the recipe differs from the one {run_dir} was started with (see its "
-                "config.yaml); resume with the same recipe, or start a new run folder"
-            )
-        return
-    claim_run_dir(run_dir, force, protected)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config, dump_recipe(recipe))
-
-
 def check_run_dir_free(run_dir: Path, resume: bool, force: bool) -> None:
     """Fail fast, before the corpus is read and models built, on a run folder that is taken (the
     full check, and --force's removal, come after every other check has passed)."""
@@ -372,7 +351,7 @@ def run_encoder(
             "distill.hidden_weight=0"
         )
     loaders = _loaders(recipe, {"train": train, "val": val, "test": test}, tokenizer, teacher)
-    prepare_text_run_dir(
+    prepare_run_dir(
         run_dir, recipe, resume, force, protected_paths(recipe.teacher, recipe.data.source)
     )
     tokenizer.save_pretrained(run_dir / "tokenizer")

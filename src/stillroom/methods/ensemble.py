@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from stillroom.config import Recipe, TeacherSection, dump_recipe
+from stillroom.config import Recipe, TeacherSection
 from stillroom.data import ArrayData, Splits, labelled_only, make_loader
 from stillroom.errors import StillroomError
-from stillroom.io import atomic_write_json, atomic_write_text
+from stillroom.io import atomic_write_json
 from stillroom.losses import IGNORE_INDEX
 from stillroom.methods.ensemble_results import (
     EnsembleResult,
@@ -44,12 +44,12 @@ from stillroom.methods.ensemble_results import (
 from stillroom.models import load_model, save_model
 from stillroom.objective import tapped_layers
 from stillroom.pipeline import (
-    _build,
-    _check_task,
-    _train_phase,
-    claim_run_dir,
+    build_seeded,
+    check_task,
     gap_closed,
     prepare_data,
+    prepare_run_dir,
+    train_phase,
 )
 from stillroom.store import SoftTargetStore, StoreTeacher
 from stillroom.teachers import (
@@ -175,13 +175,13 @@ def run_ensemble(
     # everything that can be checked before any training is checked before the run folder exists
     splits, student_train = prepare_data(recipe)
     task = splits.train.task
-    _check_task(recipe, task)
+    check_task(recipe, task)
     _check_recipe(recipe, task)
     input_shape, num_outputs = splits.train.input_shape, splits.train.num_outputs
     loaded = _load_members(recipe, student_train)
     if resume and force:
         raise StillroomError("--resume and --force contradict each other; pass one")
-    _prepare_run_dir(run_dir, recipe, resume, force)
+    prepare_run_dir(run_dir, recipe, resume, force, _inputs(recipe))
 
     # 1. every member: loaded, finished in an earlier try of this run, or trained on every label
     members = [
@@ -204,11 +204,11 @@ def run_ensemble(
         scratch_args = recipe.train_args(
             recipe.distill, task, alpha=0.0, terms=(), progress=progress, description="scratch"
         )
-        students["student_scratch"] = _train_phase(
+        students["student_scratch"] = train_phase(
             "student_scratch",
             run_dir,
             None,
-            _build(student_spec, input_shape, num_outputs, recipe.seed),
+            build_seeded(student_spec, input_shape, num_outputs, recipe.seed),
             student_spec,
             labelled_only(student_train),  # without a teacher only labels carry any signal
             splits.val,
@@ -217,11 +217,11 @@ def run_ensemble(
             resume,
         )
     kd_args = recipe.train_args(recipe.distill, task, progress=progress, description="distill")
-    students["student_kd"] = _train_phase(
+    students["student_kd"] = train_phase(
         "student_kd",
         run_dir,
         kd_teacher,
-        _build(student_spec, input_shape, num_outputs, recipe.seed),
+        build_seeded(student_spec, input_shape, num_outputs, recipe.seed),
         student_spec,
         student_train,
         splits.val,
@@ -320,24 +320,10 @@ def _merged_store(
         ) from None
 
 
-def _prepare_run_dir(run_dir: Path, recipe: EnsembleRecipe, resume: bool, force: bool) -> None:
-    config_path = run_dir / "config.yaml"
-    if resume:
-        if not config_path.is_file():
-            raise StillroomError(
-                f"nothing to resume in {run_dir}: it holds no config.yaml from an earlier run"
-            )
-        if config_path.read_text() != dump_recipe(recipe):
-            raise StillroomError(
-                f"the recipe differs from the one {run_dir} was started with (see its "
-                "config.yaml); resume with the same recipe and overrides, or start a new run folder"
-            )
-        return
+def _inputs(recipe: EnsembleRecipe) -> tuple[Path | None, ...]:
+    """What the run reads and --force must never delete: data, stores, member checkpoints."""
     inputs = [recipe.data.path, recipe.ensemble.store]
-    inputs += [p for t in recipe.teachers for p in (t.checkpoint, t.store)]
-    claim_run_dir(run_dir, force, tuple(inputs))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config_path, dump_recipe(recipe))
+    return tuple(inputs + [p for t in recipe.teachers for p in (t.checkpoint, t.store)])
 
 
 def _member(
@@ -369,11 +355,11 @@ def _member(
     args = recipe.train_args(
         section.train, splits.train.task, alpha=0.0, progress=progress, description=name
     )
-    return _train_phase(
+    return train_phase(
         name,
         run_dir,
         None,
-        _build(section.spec(), input_shape, num_outputs, seed),
+        build_seeded(section.spec(), input_shape, num_outputs, seed),
         section.spec(),
         splits.train,  # every label: the members stand for the big models that already exist
         splits.val,

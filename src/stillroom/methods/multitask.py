@@ -41,7 +41,7 @@ from rich import box
 from rich.table import Table
 from torch import nn
 
-from stillroom.config import Recipe, TermSection, TrainSection, dump_recipe
+from stillroom.config import Recipe, TermSection, TrainSection
 from stillroom.data.multitask import (
     MultiTaskData,
     hide_task_labels,
@@ -62,7 +62,7 @@ from stillroom.methods.multitask_distill import (
 from stillroom.models import build_model, load_model, save_model
 from stillroom.models.multitask import MultiTaskNet, multitask_spec, spec_heads, total_outputs
 from stillroom.objective import OUTPUT_KINDS, TermSpec, check_layer_names, tapped_layers
-from stillroom.pipeline import claim_run_dir, gap_closed
+from stillroom.pipeline import gap_closed, prepare_run_dir
 from stillroom.train import TrainArgs, evaluate, predict
 from stillroom.train.evaluate import METRICS
 
@@ -351,24 +351,6 @@ def _check_terms(recipe: MultiTaskRecipe, student: nn.Module, teacher: nn.Module
         check_layer_names(teacher, teacher_layers)
 
 
-def _prepare_run_dir(run_dir: Path, recipe: MultiTaskRecipe, resume: bool, force: bool) -> None:
-    config_path = run_dir / "config.yaml"
-    if resume:
-        if not config_path.is_file():
-            raise StillroomError(
-                f"nothing to resume in {run_dir}: it holds no config.yaml from an earlier run"
-            )
-        if config_path.read_text() != dump_recipe(recipe):
-            raise StillroomError(
-                f"the recipe differs from the one {run_dir} was started with (see its config.yaml); "
-                "resume with the same recipe and overrides, or start a new run folder"
-            )
-        return
-    claim_run_dir(run_dir, force, (recipe.teacher.checkpoint, recipe.data.path))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config_path, dump_recipe(recipe))
-
-
 def run_multitask(
     recipe: MultiTaskRecipe,
     run_dir: Path,
@@ -399,7 +381,7 @@ def run_multitask(
     _check_terms(recipe, student, teacher)
     if resume and force:
         raise StillroomError("--resume and --force contradict each other; pass one")
-    _prepare_run_dir(run_dir, recipe, resume, force)
+    prepare_run_dir(run_dir, recipe, resume, force, (recipe.teacher.checkpoint, recipe.data.path))
     batch, select = recipe.data.batch_size, recipe.distill.select
 
     def phase(

@@ -38,7 +38,7 @@ from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
-from stillroom.config import Recipe, TrainSection, dump_recipe
+from stillroom.config import Recipe, TrainSection
 from stillroom.data import labelled_only, make_loader
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_write_json, atomic_write_text
@@ -47,7 +47,12 @@ from stillroom.measure import format_bytes, latency_ms
 from stillroom.models import count_parameters, load_model, save_model
 from stillroom.models.multiexit import FINAL, MultiExitResNet, exit_model, exit_names
 from stillroom.objective import TermSpec
-from stillroom.pipeline import _build, _train_phase, claim_run_dir, prepare_data
+from stillroom.pipeline import (
+    build_seeded,
+    prepare_data,
+    prepare_run_dir,
+    train_phase,
+)
 from stillroom.taps import feature_shapes
 from stillroom.train import DistillResult, TrainArgs, distill, evaluate
 
@@ -359,13 +364,13 @@ def run_self_distill(
             f"{', '.join(names)}"
         )
     # builds the network once: bad widths/blocks/inputs and unprojectable hints fail here
-    probe = _build(section.spec(), input_shape, num_outputs, recipe.seed)
+    probe = build_seeded(section.spec(), input_shape, num_outputs, recipe.seed)
     if section.feature_weight > 0:
         layers, final_feature = probe.feature_layers(section.hint_at)
         check_feature_pairs(probe, splits.train.inputs[:2], layers, final_feature)
     if resume and force:
         raise StillroomError("--resume and --force contradict each other; pass one")
-    _prepare_run_dir(run_dir, recipe, resume, force)
+    prepare_run_dir(run_dir, recipe, resume, force, (recipe.data.path,))
 
     meta = {"input_shape": list(input_shape), "num_outputs": num_outputs}
     batch, val = recipe.data.batch_size, make_loader(splits.val, 512, shuffle=False)
@@ -381,7 +386,7 @@ def run_self_distill(
             continue
         data = student_train if phase == "self_distilled" else labelled_only(student_train)
         result = self_distill(
-            _build(section.spec(), input_shape, num_outputs, recipe.seed),
+            build_seeded(section.spec(), input_shape, num_outputs, recipe.seed),
             make_loader(data, batch, shuffle=True),
             val,
             alpha=loss["alpha"],
@@ -414,11 +419,11 @@ def run_self_distill(
         if resume and (run_dir / "scratch" / "model.json").is_file():
             scratch = load_model(run_dir / "scratch")[0]
         else:
-            scratch = _train_phase(
+            scratch = train_phase(
                 "scratch",
                 run_dir,
                 None,
-                _build(plain, input_shape, num_outputs, recipe.seed),
+                build_seeded(plain, input_shape, num_outputs, recipe.seed),
                 plain,
                 labelled_only(student_train),
                 splits.val,
@@ -462,24 +467,6 @@ def interleaved_latency(
         for name, model in models.items():
             seen[name].append(latency_ms(model, input_shape, warmup=10, repeats=100))
     return {name: statistics.median(values) for name, values in seen.items()}
-
-
-def _prepare_run_dir(run_dir: Path, recipe: SelfDistillRecipe, resume: bool, force: bool) -> None:
-    config_path = run_dir / "config.yaml"
-    if resume:
-        if not config_path.is_file():
-            raise StillroomError(
-                f"nothing to resume in {run_dir}: it holds no config.yaml from an earlier run"
-            )
-        if config_path.read_text() != dump_recipe(recipe):
-            raise StillroomError(
-                f"the recipe differs from the one {run_dir} was started with (see its "
-                "config.yaml); resume with the same recipe and overrides, or start a new run folder"
-            )
-        return
-    claim_run_dir(run_dir, force, (recipe.data.path,))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config_path, dump_recipe(recipe))
 
 
 def _write_results(result: SelfDistillResult, test_samples: int, full_parameters: int) -> None:

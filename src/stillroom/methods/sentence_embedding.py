@@ -60,12 +60,12 @@ from stillroom.methods.encoder import (
     is_done,
     load_text_teacher,
     mark_done,
-    prepare_text_run_dir,
     protected_paths,
     resolve_model_path,
     train_args,
 )
 from stillroom.objective import TermSpec
+from stillroom.pipeline import prepare_run_dir
 from stillroom.store import cache_teacher
 from stillroom.train import distill
 
@@ -321,7 +321,7 @@ def run_sentence_embedding(
     run_dir = Path(run_dir)
     check_run_dir_free(run_dir, resume, force)
     prepared = prepare(recipe)
-    prepare_text_run_dir(
+    prepare_run_dir(
         run_dir, recipe, resume, force, protected_paths(recipe.teacher, recipe.data.source)
     )
     length = cache_embeddings(prepared, run_dir / "teacher_store", resume, progress)
