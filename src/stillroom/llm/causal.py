@@ -337,6 +337,12 @@ def sample_continuations(
 
 
 @torch.no_grad()
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
 def heldout_metrics(
     models: dict[str, nn.Module], loader: DataLoader, reference: str | None = None
 ) -> dict[str, dict[str, float]]:
@@ -364,8 +370,10 @@ def heldout_metrics(
         for name, module in models.items():
             if not warmed:  # the first call pays one-off allocation costs: keep them off the clock
                 module(inputs)
+            _synchronize(device)  # accelerators run asynchronously: time finished work only
             started = time.perf_counter()
             logits = module(inputs).float()
+            _synchronize(device)
             sums[name][3] += time.perf_counter() - started
             nll = F.cross_entropy(logits.movedim(-1, 1), safe, reduction="none")
             top1[name] = logits.argmax(-1)

@@ -17,6 +17,7 @@ both can be measured on). Encode throughput is measured single-threaded at batch
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -349,7 +350,8 @@ def throughput(
     """Sentences per second encoding `inputs` on the CPU at `batch_size` (median of `repeats`
     passes, after one warm-up pass), with torch limited to `threads` (None: unchanged)."""
     previous = torch.get_num_threads()
-    encoder = encoder.eval().cpu()
+    # a CPU copy: the caller's model stays where it is (and in its training mode)
+    encoder = copy.deepcopy(encoder).cpu().eval()
     if threads is not None:
         torch.set_num_threads(threads)
     try:

@@ -24,7 +24,9 @@ TRANSFORMERS_EXTRA = "pip install 'stillroom[llm]' (transformers, tokenizers)"
 MODEL_KINDS = ("causal_lm", "masked_lm", "sequence_classification", "encoder")
 """What `load_pretrained` builds: the Auto class is picked from this name."""
 
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
+WEIGHT_PATTERNS = ("*.safetensors", "*.gguf")
+"""Weights stillroom reads: safetensors (or GGUF). Pickled `pytorch_model.bin` files are refused:
+unpickling runs code from whoever made the file."""
 
 
 def transformers_module() -> Any:
@@ -56,9 +58,14 @@ def resolve_model_dir(path: Path | str) -> tuple[Path, str | None]:
         raise StillroomError(f"{path} is neither a model folder nor a .gguf file")
     weights = [p for pattern in WEIGHT_PATTERNS for p in sorted(path.glob(pattern))]
     if not weights:
-        raise StillroomError(
-            f"model folder {path} holds no weights (*.safetensors, pytorch_model*.bin or *.gguf)"
-        )
+        pickled = sorted(path.glob("pytorch_model*.bin"))
+        if pickled:
+            raise StillroomError(
+                f"model folder {path} holds only pickled weights ({pickled[0].name}); stillroom "
+                "reads safetensors: convert once with model.save_pretrained(folder, "
+                "safe_serialization=True) where you trust the file"
+            )
+        raise StillroomError(f"model folder {path} holds no weights (*.safetensors or *.gguf)")
     ggufs = [p for p in weights if p.suffix == ".gguf"]
     if ggufs and len(ggufs) == len(weights):
         if len(ggufs) > 1:
@@ -84,7 +91,7 @@ def load_pretrained(
     if kind not in auto:
         raise StillroomError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
     folder, gguf = resolve_model_dir(path)
-    extra = {"gguf_file": gguf} if gguf else {}
+    extra = {"gguf_file": gguf} if gguf else {"use_safetensors": True}
     try:
         model = auto[kind].from_pretrained(
             folder,

@@ -116,7 +116,7 @@ def load_method_recipe(
     """Read a recipe of any method: its `method` key picks the schema it is validated against."""
     tree, source = read_recipe_tree(path, overrides)
     name = tree.get("method", "classic")
-    if name not in METHODS:
+    if not isinstance(name, str) or name not in METHODS:
         raise StillroomError(
             f"{source}: method: unknown method {name!r}; available: {', '.join(METHODS)}"
         )

@@ -228,6 +228,9 @@ def self_distill(
             raise StillroomError(f"feature_layers names no feature layer for exit {missing[0]!r}")
         feature_layers = {name: feature_layers[name] for name in exits[:-1]}
         check_feature_pairs(model, example, feature_layers, final_feature)
+    if not 0.0 <= alpha < 1.0:
+        # at alpha = 1 the deepest exit, the teacher of the others, would learn from nothing
+        raise StillroomError(f"self_distill alpha must be in [0, 1), got {alpha}")
     terms = self_distillation_terms(
         exits,
         alpha=alpha,
@@ -246,11 +249,11 @@ def self_distill(
         raise StillroomError(
             f"select: the model has no exit {select!r}; its exits are: {', '.join(exits)}"
         )
-    # alpha=0: the loop's classic blend stays out; every term above is in `terms`
+    # named outputs: the loop's classic blend stays out; every term above is in `terms`
     train_args = replace(
         args or TrainArgs(),
         **overrides,
-        alpha=0.0,
+        alpha=None,
         terms=tuple(terms),
         outputs=dict.fromkeys(exits, "classification"),
         select=select,
@@ -280,7 +283,11 @@ class SelfDistillSection(BaseModel):
         None, ge=1, description="channels of every exit's bottleneck; null: the deepest width"
     )
     alpha: float = Field(
-        0.5, ge=0, le=1, description="weight of each shallow exit's KD term; 1 - alpha: each CE"
+        0.5,
+        ge=0,
+        lt=1,
+        description="weight of each shallow exit's KD term; 1 - alpha: each CE (< 1: the deepest "
+        "exit learns from the labels alone)",
     )
     temperature: float = Field(3.0, gt=0, description="temperature of the KD terms")
     feature_weight: float = Field(

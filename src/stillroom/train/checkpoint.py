@@ -134,6 +134,11 @@ def load_checkpoint(
     optimizer.load_state_dict(_optimizer_join(opt_tensors, state["optimizer"]))
     scheduler.load_state_dict(state["scheduler"])
     if critics is not None and critic_optimizer is not None:
+        if not (folder / "critics.safetensors").is_file():
+            raise StillroomError(
+                f"checkpoint {folder} holds no adversarial critics: the objective changed since it "
+                "was written; resume with the same terms, or start a new run folder"
+            )
         tensors = load_file(str(folder / "critics.safetensors"))
         critics.load_state_dict(
             {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}

@@ -48,8 +48,9 @@ from stillroom.train.logging import MetricsLog
 BEST = "best.safetensors"
 
 BatchTransform = Callable[[Any, Any, Any, nn.Module, int], tuple[Any, Any, Any]]
-"""(inputs, targets, index, student, step) -> (inputs, targets, index): rewrites a batch before the
-step, e.g. on-policy distillation replacing continuations with ones the student samples."""
+"""(inputs, targets, index, student, batch) -> (inputs, targets, index): rewrites a training batch
+before its step (batch counts training batches from 0 over the whole run, resumes included), e.g.
+on-policy distillation replacing continuations with ones the student samples."""
 
 
 @dataclass
@@ -203,9 +204,12 @@ def distill(
             for batch in train_loader:
                 inputs, targets, index = _unpack(batch)
                 if batch_transform is not None:
+                    # counted per batch, not per optimizer step: under gradient accumulation
+                    # every micro-batch draws its own randomness
                     inputs, targets, index = batch_transform(
-                        inputs, targets, index, inner.student, state["step"]
+                        inputs, targets, index, inner.student, state.setdefault("batches", 0)
                     )
+                state["batches"] = state.get("batches", 0) + 1
                 with accelerator.accumulate(model):
                     outputs, student_features = model(inputs)
                     step = StepOutputs(outputs, None, targets, student_features, inputs=inputs)
@@ -314,8 +318,10 @@ def _term_values(terms: list, step: StepOutputs, has_teacher: bool) -> dict[str,
         if has_teacher or not term.needs_teacher:
             try:
                 values[term.name] = term.compute(step)
-            except ValueError as err:  # shapes the user's layer choice cannot fit
-                raise StillroomError(f"term '{term.name}': {err}") from None
+            except (ValueError, RuntimeError) as err:
+                # shapes the user's choice of outputs/layers cannot fit (torch raises RuntimeError)
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise StillroomError(f"term '{term.name}': {first}") from None
     return values
 
 
