@@ -254,14 +254,29 @@ def run_recipe(
     return result
 
 
+LOWER_IS_BETTER = {name for name, direction in METRICS.values() if direction == "min"}
+
+
 def gap_closed(rows: dict[str, dict[str, Any]], metric: str) -> float | None:
-    """(kd - scratch) / (teacher - scratch): the share of the teacher's lead the distillation recovers."""
+    """(kd - scratch) / (teacher - scratch): the share of the teacher's lead the distillation
+    recovers. None without a scratch student, or when the teacher does not lead (the ratio would
+    be meaningless). `metric` may be "<output>/<metric>" (multi-task)."""
     if "student_scratch" not in rows:
         return None
     lead = rows["teacher"][metric] - rows["student_scratch"][metric]
-    if abs(lead) < 1e-12:
+    lower_is_better = metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER
+    if not (lead < -1e-12 if lower_is_better else lead > 1e-12):
         return None
     return (rows["student_kd"][metric] - rows["student_scratch"][metric]) / lead
+
+
+def check_run_dir_free(run_dir: Path, resume: bool, force: bool) -> None:
+    """Fail fast, before data is read and models built, on a run folder that is taken (the full
+    check, and --force's removal, come after every other check has passed)."""
+    if resume and force:
+        raise StillroomError("--resume and --force contradict each other; pass one")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (resume or force):
+        claim_run_dir(run_dir, force=False)
 
 
 def claim_run_dir(run_dir: Path, force: bool, protected: tuple[Path | None, ...] = ()) -> None:

@@ -76,7 +76,7 @@ from stillroom.llm.distill_lm import (
 from stillroom.llm.hub import load_pretrained, load_tokenizer, package_folder, resolve_model_dir
 from stillroom.llm.onpolicy import OnPolicyTransform
 from stillroom.llm.vocab import VocabMatch, check_vocab, train_tokenizer
-from stillroom.pipeline import prepare_run_dir
+from stillroom.pipeline import check_run_dir_free, prepare_run_dir
 from stillroom.store import cache_teacher
 from stillroom.train import TrainArgs
 
@@ -372,6 +372,7 @@ def run_causal_lm(
 ) -> CausalLMResult:
     """Every stage of the module docstring into `run_dir`; returns the held-out comparison."""
     run_dir = Path(run_dir)
+    check_run_dir_free(run_dir, resume, force)  # before the teacher loads (minutes for a GGUF)
     setup = prepare(recipe)
     prepare_run_dir(run_dir, recipe, resume, force, _protected(recipe))
     atomic_write_json(run_dir / "teacher.json", setup.info)

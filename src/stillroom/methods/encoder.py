@@ -52,7 +52,7 @@ from stillroom.llm.hub import load_pretrained, load_tokenizer, package_folder
 from stillroom.llm.sentences import SentenceCorpus, load_corpus, split_documents
 from stillroom.losses import IGNORE_INDEX
 from stillroom.objective import TermSpec
-from stillroom.pipeline import claim_run_dir, prepare_run_dir
+from stillroom.pipeline import check_run_dir_free, prepare_run_dir
 from stillroom.train import TrainArgs, distill, evaluate
 from stillroom.train.evaluate import predict
 
@@ -209,15 +209,6 @@ def load_text_teacher(
     tokenizer = train_wordpiece(texts, section.tiny.vocab_size, max_length)
     torch.manual_seed(seed)
     return tiny_bert(section.tiny.config(), kind, len(tokenizer), num_labels), tokenizer
-
-
-def check_run_dir_free(run_dir: Path, resume: bool, force: bool) -> None:
-    """Fail fast, before the corpus is read and models built, on a run folder that is taken (the
-    full check, and --force's removal, come after every other check has passed)."""
-    if resume and force:
-        raise StillroomError("--resume and --force contradict each other; pass one")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not (resume or force):
-        claim_run_dir(run_dir, force=False)
 
 
 def protected_paths(teacher: TextTeacherSection, source: str) -> tuple[Path | None, ...]:

@@ -56,7 +56,6 @@ from stillroom.methods.encoder import (
     ReducedStudentSection,
     TextTeacherSection,
     _Section,
-    check_run_dir_free,
     is_done,
     load_text_teacher,
     mark_done,
@@ -65,7 +64,7 @@ from stillroom.methods.encoder import (
     train_args,
 )
 from stillroom.objective import TermSpec
-from stillroom.pipeline import prepare_run_dir
+from stillroom.pipeline import check_run_dir_free, prepare_run_dir
 from stillroom.store import cache_teacher
 from stillroom.train import distill
 
