@@ -219,3 +219,21 @@ def test_evaluate_language_modeling_and_embedding_against_references() -> None:
     metrics = evaluate(Fixed(vectors), loader, "embedding")
     expected = F.cosine_similarity(vectors, reference, dim=1).mean().item()
     assert metrics["cosine"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_gap_closed_is_reported_only_when_the_teacher_leads() -> None:
+    from stillroom.pipeline import gap_closed
+
+    def rows(metric: str, teacher: float, scratch: float, kd: float) -> dict:
+        return {
+            "teacher": {metric: teacher},
+            "student_scratch": {metric: scratch},
+            "student_kd": {metric: kd},
+        }
+
+    assert gap_closed(rows("accuracy", 0.9, 0.7, 0.8), "accuracy") == pytest.approx(0.5)
+    assert gap_closed(rows("rmse", 1.0, 2.0, 1.5), "rmse") == pytest.approx(0.5)
+    assert gap_closed(rows("slant/rmse", 1.0, 2.0, 1.0), "slant/rmse") == pytest.approx(1.0)
+    assert gap_closed(rows("accuracy", 0.7, 0.8, 0.9), "accuracy") is None  # teacher behind
+    assert gap_closed(rows("rmse", 2.0, 1.0, 1.0), "rmse") is None
+    assert gap_closed(rows("accuracy", 0.8, 0.8, 0.9), "accuracy") is None
