@@ -284,8 +284,13 @@ def test_cli_runs_the_recipe_and_reports_every_task(tmp_path: Path) -> None:
 def test_resume_finishes_and_a_rerun_needs_force(tmp_path: Path) -> None:
     _, recipe = load_method_recipe(RECIPE, [*TINY, "baseline=false"])
     first = run_multitask(recipe, tmp_path / "run", progress=False)
+    finished = {
+        path: path.stat().st_mtime_ns for path in (tmp_path / "run").glob("*/*") if path.is_file()
+    }
     again = run_multitask(recipe, tmp_path / "run", resume=True, progress=False)
     assert again.rows["student_kd"]["digit/accuracy"] == first.rows["student_kd"]["digit/accuracy"]
+    # finished phases are loaded, not re-entered: none of their files is rewritten
+    assert {path: path.stat().st_mtime_ns for path in finished} == finished
     with pytest.raises(StillroomError, match="already exists"):
         run_multitask(recipe, tmp_path / "run", progress=False)
 

@@ -392,6 +392,9 @@ def run_multitask(
         train: MultiTaskData,
         args: TrainArgs,
     ) -> nn.Module:
+        if resume and (run_dir / name / "model.json").is_file():
+            # a finished phase (save_model writes model.json last): load it, do not touch it
+            return load_model(run_dir / name)[0]
         result = distill_multitask(
             source,
             model,
