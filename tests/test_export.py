@@ -352,3 +352,35 @@ def test_a_run_of_another_method_is_refused_in_one_line(tmp_path: Path) -> None:
         StillroomError, match="is a 'multitask' run; export and report take classic"
     ):
         open_run(tmp_path)
+
+
+def test_a_bare_model_folder_exports_checked_on_random_inputs(tmp_path: Path) -> None:
+    """Students of other methods (an exit, a generation, a member) are model folders: export
+    takes them directly, checking parity on seeded random inputs."""
+    from stillroom.models import build_model, save_model
+
+    spec = {"kind": "mlp", "hidden": [16], "dropout": 0.0}
+    torch.manual_seed(0)
+    folder = tmp_path / "student"
+    save_model(
+        build_model(spec, (1, 8, 8), 10), spec, folder, input_shape=[1, 8, 8], num_outputs=10
+    )
+    result = stillroom("export", folder)
+    assert result.returncode == 0, result.stderr
+    assert "random inputs" in result.stdout
+    manifest = json.loads((folder / "export" / "manifest.json").read_text())
+    assert manifest["source"]["split"] == "256 random inputs"
+    assert manifest["parity"]["checked_samples"] == 256
+    for name in ("model.safetensors", "model.onnx", "model.pt2", "model.json"):
+        assert (folder / "export" / name).is_file(), name
+
+
+def test_a_model_folder_with_several_outputs_is_refused_in_one_line(tmp_path: Path) -> None:
+    from stillroom.models import build_model, save_model
+    from stillroom.models.multitask import multitask_spec
+
+    spec = multitask_spec({"a": ("classification", 3), "b": ("regression", 1)}, hidden=[8])
+    folder = tmp_path / "multitask"
+    save_model(build_model(spec, (1, 8, 8), 4), spec, folder, input_shape=[1, 8, 8], num_outputs=4)
+    assert_user_error(stillroom("export", folder), "several outputs (a, b)")
+    assert not (folder / "export").exists()

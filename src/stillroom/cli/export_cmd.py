@@ -14,7 +14,13 @@ from stillroom.measure import format_bytes
 
 
 def export_command(
-    run_dir: Annotated[Path, typer.Argument(help="a finished run folder, e.g. runs/digits")],
+    run_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="a finished classic run folder (e.g. runs/digits), or a model folder holding "
+            "model.json (e.g. runs/sd/self_distilled/exits/exit1)"
+        ),
+    ],
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="export folder (default RUN_DIR/export)")
     ] = None,
@@ -25,14 +31,21 @@ def export_command(
         bool, typer.Option("--force", help="replace an existing export folder")
     ] = False,
 ) -> None:
-    """Export the distilled student (safetensors, ONNX, torch.export), each checked on the test split."""
-    from stillroom.export import export_run  # onnx and torch.export load only for this command
+    """Export a student (safetensors, ONNX, torch.export), each checked against PyTorch: on the
+    run's test split for a run folder, on seeded random inputs for a bare model folder."""
+    # onnx and torch.export load only for this command
+    from stillroom.export import export_model_folder, export_run
 
-    result = export_run(run_dir, out, int8=int8, force=force)
+    # a model folder (any method's student, an exit, a generation), or a classic run folder
+    is_model = (run_dir / "model.json").is_file() and not (run_dir / "config.yaml").is_file()
+    if is_model:
+        result = export_model_folder(run_dir, out, int8=int8, force=force)
+    else:
+        result = export_run(run_dir, out, int8=int8, force=force)
     manifest = result.manifest
     parity = manifest["parity"]
     table = Table(
-        title=f"exported {run_dir / manifest['source']['role']}",
+        title=f"exported {run_dir if is_model else run_dir / manifest['source']['role']}",
         title_justify="left",
         box=box.SIMPLE_HEAD,
     )
@@ -55,7 +68,7 @@ def export_command(
             f"{int8_report['max_abs_diff']:.2e}",
         )
     table.caption = (
-        f"parity on {parity['checked_samples']} test inputs; allowed "
+        f"parity on {parity['checked_samples']} {'random' if is_model else 'test'} inputs; allowed "
         f"{parity['tolerance']['allowed']:.2e} (atol {parity['tolerance']['atol']:g} + rtol "
         f"{parity['tolerance']['rtol']:g} x max|output|)"
     )

@@ -1,11 +1,18 @@
-"""`export_run`: the distilled student of a run folder, exported and checked on the run's test split."""
+"""`export_run`: the distilled student of a run folder, exported and checked on the run's test
+split; `export_model_folder`: any model folder stillroom saved (a student of any method)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from stillroom.errors import StillroomError
 from stillroom.export.formats import TOLERANCE, ExportResult, Tolerance, export_model
 from stillroom.export.run_folder import open_run
+from stillroom.models import load_model
+
+CHECK_SAMPLES = 256
 
 
 def export_run(
@@ -37,4 +44,40 @@ def export_run(
         force=force,
         tolerance=tolerance,
         source={"run_dir": str(run.path.resolve()), "role": role, "split": "test"},
+    )
+
+
+def export_model_folder(
+    folder: Path,
+    out_dir: Path | None = None,
+    int8: bool = False,
+    force: bool = False,
+    tolerance: Tolerance = TOLERANCE,
+) -> ExportResult:
+    """Export a model folder written by stillroom (model.json + model.safetensors), e.g. a
+    self-distilled exit, a chain generation or an ensemble member, into `out_dir` (default
+    `folder/export`). A bare folder carries no data, so parity is checked on CHECK_SAMPLES seeded
+    standard-normal inputs of the model's input shape (the manifest says so); export a classic
+    run folder instead to check on its test split."""
+    folder = Path(folder)
+    model, meta = load_model(folder)
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn((CHECK_SAMPLES, *meta["input_shape"]), generator=generator)
+    with torch.no_grad():
+        outputs = model.eval()(inputs[:2])
+    if not isinstance(outputs, torch.Tensor):
+        raise StillroomError(
+            f"{folder} holds a model with several outputs ({', '.join(outputs)}); export takes "
+            "one output tensor: export each head or exit as its own model"
+        )
+    return export_model(
+        model,
+        (inputs[:2],),
+        Path(out_dir) if out_dir is not None else folder / "export",
+        check_inputs=(inputs,),
+        config=meta,
+        int8=int8,
+        force=force,
+        tolerance=tolerance,
+        source={"model_dir": str(folder.resolve()), "split": f"{CHECK_SAMPLES} random inputs"},
     )

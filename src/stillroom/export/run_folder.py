@@ -72,9 +72,8 @@ def open_run(run_dir: Path, required: tuple[str, ...] = ("student_kd",)) -> RunF
     if method != "classic":
         raise StillroomError(
             f"{run_dir} is a '{method}' run; export and report take classic runs (teacher -> "
-            "student_scratch / student_kd). Its students are saved as model.json + "
-            "model.safetensors (or save_pretrained folders) inside the run folder; load them with "
-            "stillroom.models.load_model"
+            "student_scratch / student_kd). Its students are model folders (model.json + "
+            f"model.safetensors) inside it: export one with `stillroom export {run_dir}/<folder>`"
         )
     roles = tuple(role for role in ROLES if (run_dir / role / "model.json").is_file())
     missing = [role for role in required if role not in roles]
