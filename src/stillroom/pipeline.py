@@ -136,6 +136,84 @@ def train_phase(
     return result.student
 
 
+def train_teacher(
+    recipe: Recipe,
+    run_dir: Path,
+    splits: Splits,
+    *,
+    name: str = "teacher",
+    progress: bool = True,
+    resume: bool = False,
+) -> torch.nn.Module:
+    """The recipe's teacher trained on every training label into `run_dir/name`: it stands for the
+    big, accurate model that already exists (label_fraction limits only what students see)."""
+    task, spec = splits.train.task, recipe.teacher.spec()
+    args = recipe.train_args(
+        recipe.teacher.train, task, alpha=0.0, progress=progress, description=name
+    )
+    model = build_seeded(spec, splits.train.input_shape, splits.train.num_outputs, recipe.seed)
+    return train_phase(
+        name,
+        run_dir,
+        None,
+        model,
+        spec,
+        splits.train,
+        splits.val,
+        args,
+        recipe.data.batch_size,
+        resume,
+    )
+
+
+def train_students(
+    recipe: Recipe,
+    run_dir: Path,
+    kd_teacher: Any,
+    splits: Splits,
+    student_train: ArrayData,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+) -> dict[str, torch.nn.Module]:
+    """The recipe's student architecture from labels alone (student_scratch/, when
+    recipe.baseline) and distilled from `kd_teacher` (student_kd/), identically initialised."""
+    task, spec = splits.train.task, recipe.student.spec()
+    input_shape, num_outputs = splits.train.input_shape, splits.train.num_outputs
+    students: dict[str, torch.nn.Module] = {}
+    if recipe.baseline:
+        scratch_args = recipe.train_args(
+            recipe.distill, task, alpha=0.0, terms=(), progress=progress, description="scratch"
+        )
+        # without a teacher only the labelled samples carry any signal
+        students["student_scratch"] = train_phase(
+            "student_scratch",
+            run_dir,
+            None,
+            build_seeded(spec, input_shape, num_outputs, recipe.seed),
+            spec,
+            labelled_only(student_train),
+            splits.val,
+            scratch_args,
+            recipe.data.batch_size,
+            resume,
+        )
+    kd_args = recipe.train_args(recipe.distill, task, progress=progress, description="distill")
+    students["student_kd"] = train_phase(
+        "student_kd",
+        run_dir,
+        kd_teacher,
+        build_seeded(spec, input_shape, num_outputs, recipe.seed),
+        spec,
+        student_train,
+        splits.val,
+        kd_args,
+        recipe.data.batch_size,
+        resume,
+    )
+    return students
+
+
 def run_recipe(
     recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = True, force: bool = False
 ) -> RunResult:
@@ -150,7 +228,6 @@ def run_recipe(
     _check_term_layers(recipe, input_shape, num_outputs)
     protected = (recipe.teacher.checkpoint, recipe.teacher.store, recipe.data.path)
     prepare_run_dir(run_dir, recipe, resume, force, protected)
-    batch = recipe.data.batch_size
 
     # 1. the teacher: loaded, or trained on every training label: it stands for the big, accurate
     #    model that already exists; label_fraction limits what the *student* sees
@@ -169,66 +246,23 @@ def run_recipe(
             num_outputs=num_outputs,
         )
     else:
-        teacher_args = recipe.train_args(
-            recipe.teacher.train, task, alpha=0.0, progress=progress, description="teacher"
-        )
-        teacher = train_phase(
-            "teacher",
-            run_dir,
-            None,
-            build_seeded(recipe.teacher.spec(), input_shape, num_outputs, recipe.seed),
-            recipe.teacher.spec(),
-            splits.train,
-            splits.val,
-            teacher_args,
-            batch,
-            resume,
-        )
+        teacher = train_teacher(recipe, run_dir, splits, progress=progress, resume=resume)
 
     # 2. soft targets: the teacher runs once over every training input, labelled or not
     soft_targets = generate_soft_targets(teacher, make_loader(student_train, 512, shuffle=False))
     soft_targets.save(run_dir / "soft_targets.safetensors")
 
     # 3. the same student architecture, from labels alone and distilled
-    student_spec = recipe.student.spec()
-    students: dict[str, torch.nn.Module] = {}
-    if recipe.baseline:
-        scratch_args = recipe.train_args(
-            recipe.distill, task, alpha=0.0, terms=(), progress=progress, description="scratch"
-        )
-        # without a teacher only the labelled samples carry any signal
-        students["student_scratch"] = train_phase(
-            "student_scratch",
-            run_dir,
-            None,
-            build_seeded(student_spec, input_shape, num_outputs, recipe.seed),
-            student_spec,
-            labelled_only(student_train),
-            splits.val,
-            scratch_args,
-            batch,
-            resume,
-        )
-    kd_args = recipe.train_args(recipe.distill, task, progress=progress, description="distill")
     # feature terms read the teacher's intermediate layers at every step: they need it live
-    if tapped_layers(list(kd_args.terms))[1]:
+    if tapped_layers(list(recipe.train_args(recipe.distill, task).terms))[1]:
         kd_teacher: Any = teacher
     elif recipe.teacher.store is not None:
         # refuses a store made by another teacher or on other inputs, naming which differs
         kd_teacher = StoreTeacher(recipe.teacher.store, teacher=teacher, data=student_train)
     else:
         kd_teacher = CachedTeacher(soft_targets.outputs)
-    students["student_kd"] = train_phase(
-        "student_kd",
-        run_dir,
-        kd_teacher,
-        build_seeded(student_spec, input_shape, num_outputs, recipe.seed),
-        student_spec,
-        student_train,
-        splits.val,
-        kd_args,
-        batch,
-        resume,
+    students = train_students(
+        recipe, run_dir, kd_teacher, splits, student_train, progress=progress, resume=resume
     )
 
     # 4. the comparison on the held-out test split

@@ -57,6 +57,7 @@ from stillroom.pipeline import (
     prepare_data,
     prepare_run_dir,
     train_phase,
+    train_teacher,
 )
 from stillroom.train import predict
 from stillroom.train.evaluate import METRICS, is_better
@@ -255,20 +256,8 @@ def run_chain(
             teacher, loaded = load_model(recipe.teacher.checkpoint)  # checked in _check_chain
             save_model(teacher, loaded["spec"], gen0, **meta)
         else:
-            teacher_args = recipe.train_args(
-                recipe.teacher.train, task, alpha=0.0, progress=progress, description="gen-0"
-            )
-            teacher = train_phase(
-                "gen-0",
-                run_dir,
-                None,
-                build_seeded(recipe.teacher.spec(), input_shape, num_outputs, recipe.seed),
-                recipe.teacher.spec(),
-                splits.train,
-                splits.val,
-                teacher_args,
-                batch,
-                resume,
+            teacher = train_teacher(
+                recipe, run_dir, splits, name="gen-0", progress=progress, resume=resume
             )
     if not is_complete(gen0):
         mark_complete(gen0, {"generation": 0, "test": evaluate_on_test(teacher, test_loader, task)})

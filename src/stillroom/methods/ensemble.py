@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from stillroom.config import Recipe, TeacherSection
-from stillroom.data import ArrayData, Splits, labelled_only, make_loader
+from stillroom.data import ArrayData, Splits, make_loader
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_write_json
 from stillroom.losses import IGNORE_INDEX
@@ -50,6 +50,7 @@ from stillroom.pipeline import (
     prepare_data,
     prepare_run_dir,
     train_phase,
+    train_students,
 )
 from stillroom.store import SoftTargetStore, StoreTeacher
 from stillroom.teachers import (
@@ -177,7 +178,6 @@ def run_ensemble(
     task = splits.train.task
     check_task(recipe, task)
     _check_recipe(recipe, task)
-    input_shape, num_outputs = splits.train.input_shape, splits.train.num_outputs
     loaded = _load_members(recipe, student_train)
     if resume and force:
         raise StillroomError("--resume and --force contradict each other; pass one")
@@ -198,36 +198,8 @@ def run_ensemble(
     kd_teacher = _ensemble_targets(recipe, members, ensemble, student_train, run_dir)
 
     # 4. the same student architecture, from labels alone and distilled from the ensemble
-    student_spec = recipe.student.spec()
-    students: dict[str, torch.nn.Module] = {}
-    if recipe.baseline:
-        scratch_args = recipe.train_args(
-            recipe.distill, task, alpha=0.0, terms=(), progress=progress, description="scratch"
-        )
-        students["student_scratch"] = train_phase(
-            "student_scratch",
-            run_dir,
-            None,
-            build_seeded(student_spec, input_shape, num_outputs, recipe.seed),
-            student_spec,
-            labelled_only(student_train),  # without a teacher only labels carry any signal
-            splits.val,
-            scratch_args,
-            recipe.data.batch_size,
-            resume,
-        )
-    kd_args = recipe.train_args(recipe.distill, task, progress=progress, description="distill")
-    students["student_kd"] = train_phase(
-        "student_kd",
-        run_dir,
-        kd_teacher,
-        build_seeded(student_spec, input_shape, num_outputs, recipe.seed),
-        student_spec,
-        student_train,
-        splits.val,
-        kd_args,
-        recipe.data.batch_size,
-        resume,
+    students = train_students(
+        recipe, run_dir, kd_teacher, splits, student_train, progress=progress, resume=resume
     )
 
     # 5. the comparison on the held-out test split
