@@ -92,7 +92,8 @@ def main() -> None:
         )
         lines += [
             "",
-            f"gap closed = (kd - scratch) / (teacher - scratch): {mean_std(gaps)}; "
+            f"gap closed = (kd - scratch) / (teacher - scratch): {mean_std(gaps)} over the "
+            f"{len(gaps)} of {args.seeds} seeds where the teacher leads the scratch student; "
             f"distilled beats scratch on {wins} of {args.seeds} seeds.",
             "",
         ]
