@@ -141,7 +141,7 @@ def test_force_replaces_only_a_run_folder(tmp_path: Path) -> None:
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
     result = stillroom("distill", FEW_LABELS, *TINY, "--out", precious, "--force")
-    assert_user_error(result, "--force only replaces a stillroom run folder")
+    assert_user_error(result, "--force only replaces a folder stillroom wrote")
     assert (precious / "thesis.tex").read_text() == "years of work"
 
 
@@ -285,6 +285,9 @@ def test_interrupted_run_resumes_to_the_same_student(
     monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(load_recipe(FEW_LABELS, TINY), out, progress=False)
+    from stillroom.runs import release
+
+    release(out)  # what the interrupted process's exit does: the folder is free again
     assert not (out / "student_kd" / "model.safetensors").exists()
     result = stillroom(
         "distill", FEW_LABELS, *TINY, "--out", out, "--resume", "--no-progress", "--no-report"

@@ -57,7 +57,10 @@ def test_overrides_are_dotted_and_typed() -> None:
             ["distill.alpha=1.5"],
             "distill.alpha: Input should be less than or equal to 1 (given 1.5)",
         ),
-        (["data.source=imagenet"], "data.source: Input should be 'digits', 'diabetes' or 'npz'"),
+        (
+            ["data.source=imagenet"],
+            "data.source: Input should be 'digits', 'diabetes', 'npz', 'csv'",
+        ),
         (["distill.epochs=many"], "distill.epochs: Input should be a valid integer"),
         (["teacher.train.lr=0"], "teacher.train.lr: Input should be greater than 0 (given 0)"),
         (["alpha"], "override 'alpha' must look like key=value"),

@@ -222,7 +222,7 @@ def test_evaluate_language_modeling_and_embedding_against_references() -> None:
 
 
 def test_gap_closed_is_reported_only_when_the_teacher_leads() -> None:
-    from stillroom.pipeline import gap_closed
+    from stillroom.runs import gap_closed
 
     def rows(metric: str, teacher: float, scratch: float, kd: float) -> dict:
         return {

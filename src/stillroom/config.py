@@ -14,6 +14,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from stillroom.data.section import DataSection
 from stillroom.errors import StillroomError
 from stillroom.objective import TermSpec
 from stillroom.train.args import TrainArgs
@@ -25,30 +26,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class DataSection(_Section):
-    source: Literal["digits", "diabetes", "npz"] = Field(
-        "digits", description="built-in dataset, or 'npz' for your own arrays (see data.path)"
-    )
-    path: Path | None = Field(
-        None, description="the .npz file (arrays inputs, targets) for source 'npz'"
-    )
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="share held out for the final table")
-    val_fraction: float = Field(
-        0.1, gt=0, lt=1, description="share used for early stopping / best checkpoint"
-    )
-    label_fraction: float = Field(
-        1.0,
-        gt=0,
-        le=1,
-        description="share of training samples whose labels the student sees; the teacher gives soft "
-        "targets for all of them (the few-labels + unlabeled transfer set setting)",
-    )
-    batch_size: int = Field(64, ge=1)
+MODEL_KINDS = ("mlp", "cnn", "resnet", "factory", "onnx", "sklearn")
+"""What a recipe's teacher or student may be: rows of stillroom.models.MODELS (a test holds them
+together). onnx and sklearn are frozen teachers from other frameworks, never students."""
+FROZEN_KINDS = ("onnx", "sklearn")
 
 
 class ModelSection(_Section):
-    kind: Literal["mlp", "cnn", "resnet"] = Field(
-        "mlp", description="architecture from stillroom.models.MODELS"
+    kind: Literal[MODEL_KINDS] = Field(  # type: ignore[valid-type]
+        "mlp",
+        description="a built-in family (mlp, cnn, resnet); factory: your own nn.Module; onnx / "
+        "sklearn: a teacher from another framework (a .onnx file, or an estimator saved with skops)",
     )
     hidden: list[int] = Field(
         [64], description="widths of the fully connected hidden layers (mlp, cnn)"
@@ -57,11 +45,49 @@ class ModelSection(_Section):
     widths: list[int] = Field([16, 32, 64], description="channels per stage (resnet only)")
     blocks: list[int] = Field([1, 1, 1], description="residual blocks per stage (resnet only)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout after hidden layers (mlp, cnn)")
+    factory: str | None = Field(
+        None,
+        description="kind factory: module:function (or class) returning your nn.Module, looked up "
+        "in the recipe's folder, then the current directory, then installed packages",
+    )
+    kwargs: dict[str, Any] = Field(
+        {},
+        description="kind factory: keyword arguments for it (input_shape and num_outputs are "
+        "added from the data when it declares them)",
+    )
+    path: Path | None = Field(
+        None, description="kind onnx: the .onnx file; sklearn: the .skops file"
+    )
+    search_paths: list[Path] = Field(
+        [],
+        description="kind factory: folders searched first for its module (the recipe's is added)",
+    )
+
+    @model_validator(mode="after")
+    def _kind_has_its_fields(self) -> ModelSection:
+        if self.kind == "factory" and not self.factory:
+            raise ValueError("kind 'factory' needs factory: module:function, e.g. my_models:build")
+        if self.kind in FROZEN_KINDS and self.path is None:
+            raise ValueError(f"kind '{self.kind}' needs path: the model file")
+        if self.kind != "factory" and (self.factory or self.kwargs):
+            raise ValueError(f"factory/kwargs are for kind 'factory', not '{self.kind}'")
+        return self
 
     def spec(self) -> dict[str, Any]:
         """The JSON-able spec `stillroom.models.build_model` takes."""
         if self.kind == "resnet":
             return {"kind": "resnet", "widths": self.widths, "blocks": self.blocks}
+        if self.kind == "factory":
+            paths = [str(p.resolve()) for p in self.search_paths]
+            return {
+                "kind": "factory",
+                "factory": self.factory,
+                "kwargs": self.kwargs,
+                "search_paths": paths,
+            }
+        if self.kind in FROZEN_KINDS:
+            assert self.path is not None
+            return {"kind": self.kind, "path": str(self.path.resolve())}
         spec: dict[str, Any] = {"kind": self.kind, "hidden": self.hidden, "dropout": self.dropout}
         if self.kind == "cnn":
             spec["channels"] = self.channels
@@ -84,7 +110,7 @@ class TrainSection(_Section):
 
 
 class TeacherSection(ModelSection):
-    kind: Literal["mlp", "cnn", "resnet"] = "cnn"
+    kind: Literal[MODEL_KINDS] = "cnn"  # type: ignore[valid-type]
     hidden: list[int] = [128]
     checkpoint: Path | None = Field(
         None,
@@ -223,6 +249,25 @@ class Recipe(_Section):
     )
     cpu: bool = Field(False, description="force the CPU even when an accelerator is present")
 
+    @model_validator(mode="after")
+    def _student_trains(self) -> Recipe:
+        # methods that replace the student or teacher with their own sections set these to None
+        student, teacher = self.student, self.teacher
+        if isinstance(student, ModelSection) and student.kind in FROZEN_KINDS:
+            raise ValueError(
+                f"student.kind '{student.kind}' is a frozen model from another framework; a "
+                "student must train: use mlp, cnn, resnet or your own factory"
+            )
+        if (
+            isinstance(teacher, TeacherSection)
+            and teacher.kind in FROZEN_KINDS
+            and teacher.checkpoint
+        ):
+            raise ValueError(
+                f"teacher.kind '{teacher.kind}' reads teacher.path; drop teacher.checkpoint"
+            )
+        return self
+
     def train_args(self, section: TrainSection, task: str, **extra: Any) -> TrainArgs:
         """Plain TrainArgs for the loop from a training section (teacher.train or distill)."""
         fields = section.model_dump(exclude={"terms"})
@@ -342,3 +387,35 @@ def load_recipe(path: Path | str | None, overrides: list[str] | None = None) -> 
 def dump_recipe(recipe: BaseModel) -> str:
     """The resolved recipe as YAML: every field, defaults included, ready to run again."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def model_sections(tree: BaseModel) -> list[ModelSection]:
+    """Every teacher/student section of a validated recipe, nested ones (members, generations)
+    included."""
+    found: list[ModelSection] = []
+    for name in type(tree).model_fields:
+        value = getattr(tree, name)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, ModelSection):
+                found.append(item)
+            if isinstance(item, BaseModel):
+                found.extend(model_sections(item))
+    return found
+
+
+def resolve_factories(recipe: BaseModel, recipe_path: Path | str | None) -> None:
+    """The edge where a user's own model is named: each `kind: factory` section gets the recipe's
+    folder in its search paths and is resolved now (a missing module or function fails here, in
+    one line, before any data is read). Never called for a recipe read back from a run folder."""
+    from stillroom.models import allow_factory
+    from stillroom.models.factory import resolve_factory
+
+    folders = [Path(recipe_path).resolve().parent] if recipe_path is not None else []
+    for section in model_sections(recipe):
+        if section.kind != "factory":
+            continue
+        assert section.factory is not None
+        extra = [p for p in folders if p not in [q.resolve() for q in section.search_paths]]
+        section.search_paths = [*section.search_paths, *extra]
+        resolve_factory(section.factory, [*section.search_paths, Path.cwd()])
+        allow_factory(section.factory)

@@ -14,6 +14,7 @@ from pathlib import Path
 from stillroom.config import Recipe, load_recipe
 from stillroom.io import atomic_write_json, atomic_write_text
 from stillroom.pipeline import RunResult, results_table, run_recipe
+from stillroom.runs import hold, write_marker
 
 FEW_LABEL_FRACTION = 0.05
 
@@ -42,6 +43,8 @@ def run_demo(
     run_dir = Path(run_dir)
     recipes = demo_recipes(seed, overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
+    hold(run_dir)
+    write_marker(run_dir, "demo")
     atomic_write_json(
         run_dir / "demo.json",
         {"seed": seed, "overrides": overrides or [], "settings": list(recipes)},

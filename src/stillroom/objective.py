@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from stillroom.errors import StillroomError
+from stillroom.models import device_of
 from stillroom.taps import Taps, feature_shapes
 from stillroom.terms import (
     SOURCES,
@@ -159,7 +160,7 @@ def _shapes(model: nn.Module | None, example: Any, names: list[str]) -> dict[str
     if not names:
         return {}
     assert model is not None and example is not None
-    device = next(model.parameters()).device  # the teacher may already sit on the accelerator
+    device = device_of(model)  # the teacher may already sit on the accelerator
     return feature_shapes(model, to_device(example, device), names)
 
 
@@ -169,7 +170,7 @@ def _example_outputs(model: nn.Module, example: Any) -> Any:
     model.eval()
     try:
         with torch.no_grad():
-            return model(to_device(example, next(model.parameters()).device))
+            return model(to_device(example, device_of(model)))
     finally:
         for module, flag in flags.items():
             module.train(flag)

@@ -5,6 +5,8 @@
 
 Run folder:
     config.yaml                 the resolved recipe (every field)
+    data.json                   how the data was read: source, columns, encodings, split sizes,
+                                the standardisation every model carries (see data/scaling.py)
     teacher/                    model.json + model.safetensors, metrics.jsonl, checkpoints/
     soft_targets.safetensors    the teacher's logits for every training sample (row = sample id)
     student_scratch/            the student trained on labels alone
@@ -15,29 +17,27 @@ Run folder:
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel
 
-from stillroom.config import Recipe, dump_recipe
+from stillroom.config import Recipe
 from stillroom.data import (
     ArrayData,
     Splits,
     hide_labels,
     labelled_only,
-    load_dataset,
     make_loader,
-    split,
+    prepare_splits,
 )
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_write_json, atomic_write_text
 from stillroom.measure import format_bytes, model_costs
-from stillroom.models import build_model, load_model, save_model
+from stillroom.models import FROZEN, build_model, load_model, save_model
 from stillroom.objective import build_objective, check_layer_names, tapped_layers
+from stillroom.runs import gap_closed, prepare_run_dir
 from stillroom.store import StoreTeacher
 from stillroom.teachers import CachedTeacher, generate_soft_targets
 from stillroom.train import TrainArgs, distill, evaluate, predict
@@ -57,8 +57,7 @@ class RunResult:
 
 def prepare_data(recipe: Recipe) -> tuple[Splits, ArrayData]:
     """(splits with every label, the training split with only the student's share of labels)."""
-    data = load_dataset(recipe.data.source, recipe.data.path)
-    splits = split(data, recipe.data.test_fraction, recipe.data.val_fraction, recipe.seed)
+    splits = prepare_splits(recipe.data, recipe.seed)
     return splits, hide_labels(splits.train, recipe.data.label_fraction, recipe.seed)
 
 
@@ -81,6 +80,12 @@ def _check_term_layers(recipe: Recipe, input_shape: tuple[int, ...], num_outputs
     if student_names:
         check_layer_names(student, student_names)
     teacher = None
+    if teacher_names and recipe.teacher.kind in FROZEN:
+        raise StillroomError(
+            f"a teacher.kind '{recipe.teacher.kind}' model exposes no layers, and a term reads "
+            f"teacher layer(s) {', '.join(teacher_names)}; use output terms (soft_target, dkd) "
+            "or a PyTorch teacher"
+        )
     if teacher_names and recipe.teacher.checkpoint is None:
         teacher = build_model(recipe.teacher.spec(), input_shape, num_outputs)
         check_layer_names(teacher, teacher_names)
@@ -89,6 +94,77 @@ def _check_term_layers(recipe: Recipe, input_shape: tuple[int, ...], num_outputs
     # size every tapped term on a dummy batch; its random draws must not shift the run's seeds
     with torch.random.fork_rng():
         build_objective(specs, "classification", student, teacher, torch.zeros((2, *input_shape)))
+
+
+def _output_shape(name: str, model: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple:
+    with torch.random.fork_rng(), torch.no_grad():  # a probe: the run's random draws stay put
+        try:
+            out = model.eval()(torch.zeros((2, *input_shape)))
+        except RuntimeError as err:
+            last = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise StillroomError(
+                f"the {name} cannot take the data's inputs of shape {input_shape}: {last}; "
+                "change the model or data.image_size / data.inputs"
+            ) from None
+    if not isinstance(out, torch.Tensor):
+        raise StillroomError(
+            f"the {name} returns a {type(out).__name__}, not one tensor of outputs; return the "
+            "logits (or predictions) tensor from forward"
+        )
+    return tuple(out.shape)
+
+
+def check_models(recipe: Recipe, splits: Splits, given: torch.nn.Module | None) -> None:
+    """Build the student, and the teacher unless `given`, and run each on a probe batch: a
+    factory that fails, a model that does not take these inputs, or teacher and student outputs
+    of different shapes are one line now, before the run folder exists."""
+    input_shape, num_outputs = splits.train.input_shape, splits.train.num_outputs
+    with torch.random.fork_rng():
+        student = build_model(recipe.student.spec(), input_shape, num_outputs)
+        teacher = given or build_model(recipe.teacher.spec(), input_shape, num_outputs)
+    student_out = _output_shape("student", student, input_shape)
+    teacher_out = _output_shape("teacher", teacher, input_shape)
+    if student_out != teacher_out or student_out[1:2] != (num_outputs,):
+        raise StillroomError(
+            f"the teacher gives outputs of shape {teacher_out[1:]} and the student {student_out[1:]}"
+            f" per sample, but the data needs ({num_outputs},); make both end in {num_outputs} "
+            "outputs"
+        )
+
+
+def data_classes(splits: Splits) -> list[str] | None:
+    """The class names of classification data, in class-id order (None: ids are the names)."""
+    record = splits.record or {}
+    for key in ("encoding", "images"):
+        if isinstance(record.get(key), dict) and record[key].get("classes"):
+            return list(record[key]["classes"])
+    return None
+
+
+def given_teacher(recipe: Recipe, splits: Splits) -> tuple[torch.nn.Module, dict[str, Any]] | None:
+    """The recipe's teacher when it is not trained here: a stillroom checkpoint, or a model from
+    another framework (ONNX, scikit-learn). Returns (module, its model.json) after checking that
+    it fits the data, so a mismatch is one line before the run folder is written."""
+    section, train = recipe.teacher, splits.train
+    input_shape, num_outputs = train.input_shape, train.num_outputs
+    if section.checkpoint is not None:
+        teacher, meta = load_model(section.checkpoint)
+        if tuple(meta["input_shape"]) != input_shape or meta["num_outputs"] != num_outputs:
+            raise StillroomError(
+                f"teacher {section.checkpoint} takes inputs {tuple(meta['input_shape'])} with "
+                f"{meta['num_outputs']} outputs, but the data has {input_shape} and {num_outputs}"
+            )
+        return teacher, {**meta, "input_shape": list(input_shape), "num_outputs": num_outputs}
+    if section.kind not in FROZEN:
+        return None
+    spec = section.spec()
+    if section.kind == "sklearn":
+        spec.update(task=train.task, classes=data_classes(splits))
+    teacher = build_model(spec, input_shape, num_outputs)
+    teacher.check_fits(input_shape, num_outputs)
+    # it reads the data as the user gave it: the run saves the standardisation beside it
+    meta = {"spec": spec, "input_shape": list(input_shape), "num_outputs": num_outputs}
+    return teacher, {**meta, "preprocess": train.preprocess}
 
 
 def check_task(recipe: Recipe, task: str) -> None:
@@ -132,6 +208,7 @@ def train_phase(
         run_dir / name,
         input_shape=list(train.input_shape),
         num_outputs=train.num_outputs,
+        preprocess=train.preprocess,
     )
     return result.student
 
@@ -226,25 +303,25 @@ def run_recipe(
     check_task(recipe, task)
     input_shape, num_outputs = splits.train.input_shape, splits.train.num_outputs
     _check_term_layers(recipe, input_shape, num_outputs)
-    protected = (recipe.teacher.checkpoint, recipe.teacher.store, recipe.data.path)
+    data = recipe.data
+    protected = (
+        recipe.teacher.checkpoint,
+        recipe.teacher.store,
+        data.path,
+        data.val_path,
+        data.test_path,
+    )
+    given = given_teacher(recipe, splits)  # a checkpoint or another framework's model, checked
+    check_models(recipe, splits, given[0] if given else None)
     prepare_run_dir(run_dir, recipe, resume, force, protected)
+    atomic_write_json(run_dir / "data.json", splits.record)
 
-    # 1. the teacher: loaded, or trained on every training label: it stands for the big, accurate
+    # 1. the teacher: given, or trained on every training label: it stands for the big, accurate
     #    model that already exists; label_fraction limits what the *student* sees
-    if recipe.teacher.checkpoint is not None:
-        teacher, meta = load_model(recipe.teacher.checkpoint)
-        if tuple(meta["input_shape"]) != input_shape or meta["num_outputs"] != num_outputs:
-            raise StillroomError(
-                f"teacher {recipe.teacher.checkpoint} takes inputs {tuple(meta['input_shape'])} with "
-                f"{meta['num_outputs']} outputs, but the data has {input_shape} and {num_outputs}"
-            )
-        save_model(
-            teacher,
-            meta["spec"],
-            run_dir / "teacher",
-            input_shape=list(input_shape),
-            num_outputs=num_outputs,
-        )
+    if given is not None:
+        saved, meta = given
+        save_model(saved, meta.pop("spec"), run_dir / "teacher", **meta)
+        teacher, _ = load_model(run_dir / "teacher")  # in the units the students train in
     else:
         teacher = train_teacher(recipe, run_dir, splits, progress=progress, resume=resume)
 
@@ -270,10 +347,11 @@ def run_recipe(
     teacher_pred = predict(teacher, test_loader)[0]
     rows: dict[str, dict[str, Any]] = {}
     for role, model in {"teacher": teacher, **students}.items():
-        row = {
-            **evaluate(model, test_loader, task),
-            **model_costs(model, run_dir / role / "model.safetensors", input_shape),
-        }
+        frozen = role == "teacher" and recipe.teacher.kind in FROZEN
+        weights = (
+            Path(recipe.teacher.spec()["path"]) if frozen else run_dir / role / "model.safetensors"
+        )
+        row = {**evaluate(model, test_loader, task), **model_costs(model, weights, input_shape)}
         if task == "classification" and role != "teacher":
             row["teacher_agreement"] = (
                 (predict(model, test_loader)[0].argmax(1) == teacher_pred.argmax(1))
@@ -286,85 +364,6 @@ def run_recipe(
     result = RunResult(run_dir, task, metric, rows, gap_closed(rows, metric))
     write_results(result, student_train, len(splits.test))
     return result
-
-
-LOWER_IS_BETTER = {name for name, direction in METRICS.values() if direction == "min"}
-
-
-def gap_closed(rows: dict[str, dict[str, Any]], metric: str) -> float | None:
-    """(kd - scratch) / (teacher - scratch): the share of the teacher's lead the distillation
-    recovers. None without a scratch student, or when the teacher does not lead (the ratio would
-    be meaningless). `metric` may be "<output>/<metric>" (multi-task)."""
-    if "student_scratch" not in rows:
-        return None
-    lead = rows["teacher"][metric] - rows["student_scratch"][metric]
-    lower_is_better = metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER
-    if not (lead < -1e-12 if lower_is_better else lead > 1e-12):
-        return None
-    return (rows["student_kd"][metric] - rows["student_scratch"][metric]) / lead
-
-
-def check_run_dir_free(run_dir: Path, resume: bool, force: bool) -> None:
-    """Fail fast, before data is read and models built, on a run folder that is taken (the full
-    check, and --force's removal, come after every other check has passed)."""
-    if resume and force:
-        raise StillroomError("--resume and --force contradict each other; pass one")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not (resume or force):
-        claim_run_dir(run_dir, force=False)
-
-
-def claim_run_dir(run_dir: Path, force: bool, protected: tuple[Path | None, ...] = ()) -> None:
-    """Make sure `run_dir` can be written: absent or empty, or (with force) an earlier stillroom run,
-    which is then removed. Never removes a folder that holds inputs of the new run (`protected`)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise StillroomError(f"run folder {run_dir} is a file; choose another --out")
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return
-    if not force:
-        raise StillroomError(
-            f"run folder {run_dir} already exists; pass --resume to continue it, --force to replace it, "
-            "or choose another --out"
-        )
-    if not ((run_dir / "config.yaml").is_file() or (run_dir / "demo.json").is_file()):
-        raise StillroomError(
-            f"--force only replaces a stillroom run folder, and {run_dir} holds no config.yaml; "
-            "choose another --out"
-        )
-    for path in protected:
-        if path is not None and Path(path).resolve().is_relative_to(run_dir.resolve()):
-            raise StillroomError(
-                f"--force would delete {path}, which this run reads; copy it out of {run_dir} "
-                "or choose another --out"
-            )
-    shutil.rmtree(run_dir)
-
-
-def prepare_run_dir(
-    run_dir: Path,
-    recipe: BaseModel,
-    resume: bool,
-    force: bool,
-    protected: tuple[Path | None, ...] = (),
-) -> None:
-    """A fresh run folder holding the resolved recipe as config.yaml, or (resume) one started with
-    the same recipe. `force` replaces an earlier run, never deleting the `protected` inputs."""
-    config_path = run_dir / "config.yaml"
-    if resume and force:
-        raise StillroomError("--resume and --force contradict each other; pass one")
-    if resume:
-        if not config_path.is_file():
-            raise StillroomError(
-                f"nothing to resume in {run_dir}: it holds no config.yaml from an earlier run"
-            )
-        if config_path.read_text() != dump_recipe(recipe):
-            raise StillroomError(
-                f"the recipe differs from the one {run_dir} was started with (see its config.yaml); "
-                "resume with the same recipe and overrides, or start a new run folder"
-            )
-        return
-    claim_run_dir(run_dir, force, protected)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config_path, dump_recipe(recipe))
 
 
 def write_results(result: RunResult, student_train: ArrayData, test_samples: int) -> None:

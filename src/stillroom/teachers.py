@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_save_tensors
 from stillroom.losses import IGNORE_INDEX
+from stillroom.models import device_of
 from stillroom.store.teacher import StoreTeacher
 
 
@@ -99,7 +100,7 @@ def as_teacher(teacher: nn.Module | Teacher) -> Teacher:
 def generate_soft_targets(teacher: nn.Module, loader: DataLoader) -> CachedTeacher:
     """Run the frozen teacher once over an unshuffled `(inputs, targets, index)` loader."""
     frozen = FrozenTeacher(teacher)
-    device = next(teacher.parameters()).device
+    device = device_of(teacher)
     chunks: dict[int, torch.Tensor] = {}
     for inputs, _, index in loader:
         out = frozen(inputs.to(device)).float().cpu()

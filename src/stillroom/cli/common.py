@@ -11,13 +11,22 @@ from rich.console import Console
 from rich.table import Table
 
 from stillroom.measure import format_bytes
-from stillroom.pipeline import RunResult, claim_run_dir
+from stillroom.pipeline import RunResult
+from stillroom.runs import claim_run_dir
 
 console = Console()
 err_console = Console(stderr=True)
 
 OutOption = Annotated[Path | None, typer.Option("--out", "-o", help="run folder to create")]
 ForceOption = Annotated[bool, typer.Option("--force", help="replace an existing run folder")]
+TrustFactoryOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-factory",
+        help="rebuild models made by a user factory (module:function) named in the folder: this "
+        "imports and runs that module's code, so only for folders you trust",
+    ),
+]
 ReportOption = Annotated[
     bool, typer.Option("--report/--no-report", help="write the HTML compression report at the end")
 ]
@@ -30,9 +39,9 @@ OverridesArg = Annotated[
 ]
 
 
-def fresh_run_dir(run_dir: Path, force: bool) -> None:
-    """Refuse to reuse a folder unless --force, and then only one that holds a stillroom run."""
-    claim_run_dir(run_dir, force)
+def fresh_run_dir(run_dir: Path, force: bool, kind: str = "run") -> None:
+    """Refuse to reuse a folder unless --force, and then only a stillroom folder of `kind`."""
+    claim_run_dir(run_dir, force, kind=kind)
 
 
 def results_table(title: str, result: RunResult) -> Table:

@@ -9,8 +9,9 @@ import typer
 from rich import box
 from rich.table import Table
 
-from stillroom.cli.common import console
+from stillroom.cli.common import TrustFactoryOption, console
 from stillroom.measure import format_bytes
+from stillroom.models import trust_factories
 
 
 def export_command(
@@ -30,11 +31,15 @@ def export_command(
     force: Annotated[
         bool, typer.Option("--force", help="replace an existing export folder")
     ] = False,
+    trust_factory: TrustFactoryOption = False,
 ) -> None:
     """Export a student (safetensors, ONNX, torch.export), each checked against PyTorch: on the
     run's test split for a run folder, on seeded random inputs for a bare model folder."""
     # onnx and torch.export load only for this command
     from stillroom.export import export_model_folder, export_run
+
+    if trust_factory:
+        trust_factories()
 
     # a model folder (any method's student, an exit, a generation), or a classic run folder
     is_model = (run_dir / "model.json").is_file() and not (run_dir / "config.yaml").is_file()

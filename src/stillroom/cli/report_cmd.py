@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from stillroom.cli.common import console
+from stillroom.cli.common import TrustFactoryOption, console
+from stillroom.models import trust_factories
 
 
 def report_command(
@@ -23,10 +24,13 @@ def report_command(
             help="CPU threads while timing (default: one per core); 1 is steadier on a busy machine",
         ),
     ] = None,
+    trust_factory: TrustFactoryOption = False,
 ) -> None:
     """Measure teacher and students on this machine and write report.html, report.json and PNGs."""
     from stillroom.report import Timing, build_report  # matplotlib loads only for this command
 
+    if trust_factory:
+        trust_factories()
     path = build_report(run_dir, out, Timing(threads=threads))
     # soft_wrap: paths stay on one line, so they can be copied from a narrow terminal
     console.print(f"report: {path}\n  numbers: {path.with_name('report.json')}", soft_wrap=True)

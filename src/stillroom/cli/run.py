@@ -19,6 +19,7 @@ from stillroom.cli.common import (
     results_table,
 )
 from stillroom.config import dump_recipe
+from stillroom.runs import release
 
 
 def demo(
@@ -34,7 +35,7 @@ def demo(
     from stillroom.report import build_report
 
     run_dir = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
-    fresh_run_dir(run_dir, force)
+    fresh_run_dir(run_dir, force, kind="demo")
     started = time.perf_counter()
     result = run_demo(run_dir, seed=seed, progress=progress, overrides=overrides or [])
     titles = {
@@ -71,12 +72,15 @@ def distill_command(
 
     method, resolved = load_method_recipe(recipe, overrides or [])
     run_dir = out or Path("runs") / resolved.name
-    # a method replaces an earlier run only after every check passed: a typo loses nothing
-    result = method.run(resolved, run_dir, resume=resume, progress=progress, force=force)
-    console.print(method.show(result, f"{resolved.name}: test set"))
-    console.print(f"run folder: {run_dir}\n  {run_dir / 'results.md'}", soft_wrap=True)
-    if report and method.report:
-        console.print(f"report: {build_report(run_dir)}", soft_wrap=True)
+    try:
+        # a method replaces an earlier run only after every check passed: a typo loses nothing
+        result = method.run(resolved, run_dir, resume=resume, progress=progress, force=force)
+        console.print(method.show(result, f"{resolved.name}: test set"))
+        console.print(f"run folder: {run_dir}\n  {run_dir / 'results.md'}", soft_wrap=True)
+        if report and method.report:
+            console.print(f"report: {build_report(run_dir)}", soft_wrap=True)
+    finally:
+        release(run_dir)
 
 
 def check(

@@ -1,16 +1,17 @@
-"""Built-in datasets (no download) and user arrays, as in-memory tensors with their splits.
+"""Datasets as in-memory tensors (`ArrayData`), their splits, and the few-label setting.
 
-`digits` (scikit-learn's 1,797 8x8 handwritten digits, embedded in the package) is the default
-classification task; `diabetes` (442 patients, 10 features) is the built-in regression task; `npz`
-reads a user's `.npz` file with arrays `inputs` (N, ...) and `targets` (N,) (integer targets mean
-classification, float targets regression).
+Readers of the built-ins: `digits` (scikit-learn's 1,797 8x8 handwritten digits, embedded in the
+package) is the default classification task; `diabetes` (442 patients, 10 features) the built-in
+regression task; `read_npz` reads a user's `.npz` file with arrays `inputs` (N, ...) and `targets`
+(N,) (integer targets mean classification, float targets regression). The table of every source
+is `stillroom.data.sources.DATASETS`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ class ArrayData:
     task: str
     num_outputs: int
     name: str
+    preprocess: dict[str, Any] | None = None
+    """How inputs and targets were rescaled from the user's units (`stillroom.data.scaling`);
+    saved with every model trained on them. None: they are as read."""
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -49,9 +53,11 @@ class Splits:
     train: ArrayData
     val: ArrayData
     test: ArrayData
+    record: dict[str, Any] | None = None
+    """How they were read and rescaled (source, columns, encodings, sizes): the run's data.json."""
 
 
-def _digits(path: Path | None) -> ArrayData:
+def read_digits() -> ArrayData:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -62,7 +68,7 @@ def _digits(path: Path | None) -> ArrayData:
     )
 
 
-def _diabetes(path: Path | None) -> ArrayData:
+def read_diabetes() -> ArrayData:
     from sklearn.datasets import load_diabetes
 
     bunch = load_diabetes()
@@ -75,11 +81,7 @@ def _diabetes(path: Path | None) -> ArrayData:
     )
 
 
-def _npz(path: Path | None) -> ArrayData:
-    if path is None:
-        raise StillroomError(
-            "data.source 'npz' needs data.path: the .npz file with inputs and targets"
-        )
+def read_npz(path: Path) -> ArrayData:
     path = Path(path)
     if not path.is_file():
         raise StillroomError(f"data file {path} does not exist; check data.path")
@@ -118,32 +120,18 @@ def _npz(path: Path | None) -> ArrayData:
     )
 
 
-DATASETS: dict[str, Callable[[Path | None], ArrayData]] = {
-    "digits": _digits,
-    "diabetes": _diabetes,
-    "npz": _npz,
-}
-"""Every dataset a recipe's `data.source` may name."""
-
-
-def load_dataset(source: str, path: Path | None = None) -> ArrayData:
-    if source not in DATASETS:
-        raise StillroomError(f"unknown data source {source!r}; available: {', '.join(DATASETS)}")
-    data = DATASETS[source](path)
-    if len(data) == 0:
-        raise StillroomError(f"dataset {data.name!r} has no samples; give a file with at least one")
-    return data
-
-
 def split(data: ArrayData, test_fraction: float, val_fraction: float, seed: int) -> Splits:
     """Shuffle with `seed` and cut into train / val / test (each class cut in the same proportions
     when classifying, so rare classes reach every split).
 
-    Regression targets are standardised with the train split's mean and std.
+    Nothing is rescaled here: `stillroom.data.scaling.standardize` does that, from the train
+    split alone.
     """
     n = len(data)
     n_test, n_val = round(n * test_fraction), round(n * val_fraction)
-    if n - n_test - n_val < 1 or n_test < 1 or n_val < 1:
+    # a fraction of 0 cuts nothing (the user gave that split as its own file)
+    empty_test, empty_val = test_fraction > 0 and n_test < 1, val_fraction > 0 and n_val < 1
+    if n - n_test - n_val < 1 or empty_test or empty_val:
         raise StillroomError(
             f"dataset {data.name!r} has {n} samples: too few for test_fraction={test_fraction} and "
             f"val_fraction={val_fraction}; give more data or change the fractions"
@@ -160,13 +148,7 @@ def split(data: ArrayData, test_fraction: float, val_fraction: float, seed: int)
             order[n_test : n_test + n_val],
             order[n_test + n_val :],
         )
-    train, val, test = data.subset(train_idx), data.subset(val_idx), data.subset(test_idx)
-    if data.task == "regression":
-        mean, std = train.targets.mean(0), train.targets.std(0).clamp_min(1e-8)
-        train, val, test = (
-            replace(s, targets=(s.targets - mean) / std) for s in (train, val, test)
-        )
-    return Splits(train, val, test)
+    return Splits(data.subset(train_idx), data.subset(val_idx), data.subset(test_idx))
 
 
 def _stratified_cut(

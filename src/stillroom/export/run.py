@@ -7,10 +7,11 @@ from pathlib import Path
 
 import torch
 
+from stillroom.data import to_user_units
 from stillroom.errors import StillroomError
 from stillroom.export.formats import TOLERANCE, ExportResult, Tolerance, export_model
 from stillroom.export.run_folder import open_run
-from stillroom.models import load_model
+from stillroom.models import in_user_units, load_model
 
 CHECK_SAMPLES = 256
 
@@ -27,11 +28,14 @@ def export_run(
     its saved module) into `out_dir` (default `run_dir/export`), checked on the test split.
 
     The folder's model.json is the run's own (spec, input_shape, num_outputs), so
-    `stillroom.models.load_model(out_dir)` rebuilds the student from it.
+    `stillroom.models.load_model(out_dir)` rebuilds the student from it; a student of
+    standardised data is exported with its standardisation (inputs and predictions in the
+    user's units).
     """
     run = open_run(Path(run_dir), required=(role,))
-    model, meta = run.load(role)
-    test = run.test
+    # exported in the user's units: raw features in, predictions in the target's own units
+    model, meta = in_user_units(*run.load(role))
+    test = to_user_units(run.test)
     return export_model(
         model,
         (test.inputs[:2],),
@@ -60,7 +64,7 @@ def export_model_folder(
     standard-normal inputs of the model's input shape (the manifest says so); export a classic
     run folder instead to check on its test split."""
     folder = Path(folder)
-    model, meta = load_model(folder)
+    model, meta = load_model(folder, user_units=True)
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn((CHECK_SAMPLES, *meta["input_shape"]), generator=generator)
     with torch.no_grad():

@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from stillroom.config import Recipe, read_recipe_tree, validate_recipe
+from stillroom.config import Recipe, read_recipe_tree, resolve_factories, validate_recipe
 from stillroom.errors import StillroomError
 from stillroom.methods import (
     born_again,
@@ -121,4 +121,6 @@ def load_method_recipe(
             f"{source}: method: unknown method {name!r}; available: {', '.join(METHODS)}"
         )
     method = METHODS[name]
-    return method, validate_recipe(tree, source, method.schema)
+    recipe = validate_recipe(tree, source, method.schema)
+    resolve_factories(recipe, path)
+    return method, recipe

@@ -50,15 +50,8 @@ from stillroom.methods.chain import (
 )
 from stillroom.models import build_model, load_model, save_model
 from stillroom.objective import check_layer_names, tapped_layers
-from stillroom.pipeline import (
-    build_seeded,
-    check_task,
-    gap_closed,
-    prepare_data,
-    prepare_run_dir,
-    train_phase,
-    train_teacher,
-)
+from stillroom.pipeline import build_seeded, check_task, prepare_data, train_phase, train_teacher
+from stillroom.runs import gap_closed, prepare_run_dir
 from stillroom.train import predict
 from stillroom.train.evaluate import METRICS, is_better
 

@@ -76,7 +76,7 @@ from stillroom.llm.distill_lm import (
 from stillroom.llm.hub import load_pretrained, load_tokenizer, package_folder, resolve_model_dir
 from stillroom.llm.onpolicy import OnPolicyTransform
 from stillroom.llm.vocab import VocabMatch, check_vocab, train_tokenizer
-from stillroom.pipeline import check_run_dir_free, prepare_run_dir
+from stillroom.runs import check_run_dir_free, prepare_run_dir
 from stillroom.store import cache_teacher
 from stillroom.train import TrainArgs
 

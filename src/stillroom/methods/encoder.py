@@ -52,7 +52,7 @@ from stillroom.llm.hub import load_pretrained, load_tokenizer, package_folder
 from stillroom.llm.sentences import SentenceCorpus, load_corpus, split_documents
 from stillroom.losses import IGNORE_INDEX
 from stillroom.objective import TermSpec
-from stillroom.pipeline import check_run_dir_free, prepare_run_dir
+from stillroom.runs import check_run_dir_free, prepare_run_dir
 from stillroom.train import TrainArgs, distill, evaluate
 from stillroom.train.evaluate import predict
 

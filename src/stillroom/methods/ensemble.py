@@ -43,15 +43,8 @@ from stillroom.methods.ensemble_results import (
 )
 from stillroom.models import load_model, save_model
 from stillroom.objective import tapped_layers
-from stillroom.pipeline import (
-    build_seeded,
-    check_task,
-    gap_closed,
-    prepare_data,
-    prepare_run_dir,
-    train_phase,
-    train_students,
-)
+from stillroom.pipeline import build_seeded, check_task, prepare_data, train_phase, train_students
+from stillroom.runs import gap_closed, prepare_run_dir
 from stillroom.store import SoftTargetStore, StoreTeacher
 from stillroom.teachers import (
     CachedTeacher,

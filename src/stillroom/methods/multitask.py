@@ -62,7 +62,7 @@ from stillroom.methods.multitask_distill import (
 from stillroom.models import build_model, load_model, save_model
 from stillroom.models.multitask import MultiTaskNet, multitask_spec, spec_heads, total_outputs
 from stillroom.objective import OUTPUT_KINDS, TermSpec, check_layer_names, tapped_layers
-from stillroom.pipeline import gap_closed, prepare_run_dir
+from stillroom.runs import gap_closed, prepare_run_dir
 from stillroom.train import TrainArgs, evaluate, predict
 from stillroom.train.evaluate import METRICS
 

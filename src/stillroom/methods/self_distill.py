@@ -47,12 +47,8 @@ from stillroom.measure import format_bytes, latency_ms
 from stillroom.models import count_parameters, load_model, save_model
 from stillroom.models.multiexit import FINAL, MultiExitResNet, exit_model, exit_names
 from stillroom.objective import TermSpec
-from stillroom.pipeline import (
-    build_seeded,
-    prepare_data,
-    prepare_run_dir,
-    train_phase,
-)
+from stillroom.pipeline import build_seeded, prepare_data, train_phase
+from stillroom.runs import prepare_run_dir
 from stillroom.taps import feature_shapes
 from stillroom.train import DistillResult, TrainArgs, distill, evaluate
 

@@ -64,7 +64,7 @@ from stillroom.methods.encoder import (
     train_args,
 )
 from stillroom.objective import TermSpec
-from stillroom.pipeline import check_run_dir_free, prepare_run_dir
+from stillroom.runs import check_run_dir_free, prepare_run_dir
 from stillroom.store import cache_teacher
 from stillroom.train import distill
 

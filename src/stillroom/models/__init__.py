@@ -12,15 +12,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_save_tensors, atomic_write_text
 from stillroom.models.cnn import SmallCNN
+from stillroom.models.external import OnnxModule, SklearnModule
+from stillroom.models.factory import build_from_factory
 from stillroom.models.mlp import MLP
 from stillroom.models.multiexit import build_multiexit
 from stillroom.models.multitask import build_multitask
+from stillroom.models.preprocessed import Preprocessed, Standardized, build_preprocessed
 from stillroom.models.resnet import ResNet
 
 
@@ -47,13 +51,57 @@ def _build_resnet(
     return ResNet(input_shape, list(spec.get("widths", [16, 32, 64])), blocks, num_outputs)
 
 
+_ALLOWED_FACTORIES: set[str] = set()
+
+
+def allow_factory(ref: str) -> None:
+    """Let `build_model` import the user's factory `ref`: called where the user names it (their
+    recipe, or --trust-factory on the command line), never for a spec read from a received file."""
+    _ALLOWED_FACTORIES.add(ref)
+
+
+def trust_factories() -> None:
+    """--trust-factory: let `build_model` import any factory a model folder names (the user asked
+    for it on the command line, for folders they received)."""
+    _ALLOWED_FACTORIES.add("*")
+
+
+def _build_factory(
+    spec: dict[str, Any], input_shape: tuple[int, ...], num_outputs: int
+) -> nn.Module:
+    ref = spec["factory"]
+    if ref not in _ALLOWED_FACTORIES and "*" not in _ALLOWED_FACTORIES:
+        raise StillroomError(
+            f"this model is built by the factory {ref}: rebuilding it imports and runs that code; "
+            "if you trust it, pass --trust-factory (Python: stillroom.models.allow_factory)"
+        )
+    paths = [Path(p) for p in spec.get("search_paths", [])] + [Path.cwd()]
+    return build_from_factory(ref, dict(spec.get("kwargs", {})), input_shape, num_outputs, paths)
+
+
+def _build_onnx(spec: dict[str, Any], input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    return OnnxModule(Path(spec["path"]))
+
+
+def _build_sklearn(
+    spec: dict[str, Any], input_shape: tuple[int, ...], num_outputs: int
+) -> nn.Module:
+    return SklearnModule(Path(spec["path"]), spec["task"], spec.get("classes"))
+
+
 MODELS: dict[str, Callable[[dict[str, Any], tuple[int, ...], int], nn.Module]] = {
     "mlp": _build_mlp,
     "cnn": _build_cnn,
     "resnet": _build_resnet,
     "multiexit": build_multiexit,  # ResNet with early exits (self-distillation)
     "multitask": build_multitask,  # shared trunk + named task heads (multi-task)
+    "preprocessed": build_preprocessed,  # any of these with its data's standardisation (export)
+    "factory": _build_factory,  # the user's own nn.Module: spec {"factory": "module:function"}
+    "onnx": _build_onnx,  # frozen teachers from other frameworks, in the user's units
+    "sklearn": _build_sklearn,
 }
+FROZEN = ("onnx", "sklearn")
+"""Kinds that run a file from another framework: no weights of ours, never trained."""
 """Every architecture a recipe's `kind` may name."""
 
 
@@ -65,8 +113,21 @@ def build_model(spec: dict[str, Any], input_shape: tuple[int, ...], num_outputs:
     return MODELS[kind](spec, tuple(input_shape), num_outputs)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's tensors live; the CPU for one with none (a model from another framework
+    runs its own runtime on the CPU)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Trainable and frozen parameters, those of a model from another framework included (the
+    weights of an ONNX graph, the nodes of a tree ensemble: see stillroom.models.external)."""
+    frozen = sum(
+        m.parameter_count for m in model.modules() if isinstance(m, OnnxModule | SklearnModule)
+    )
+    return frozen + sum(p.numel() for p in model.parameters())
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
@@ -108,8 +169,19 @@ def save_model(model: nn.Module, spec: dict[str, Any], directory: Path, **meta: 
     return directory / "model.safetensors"
 
 
-def load_model(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model saved by `save_model`; returns (module, metadata)."""
+def in_user_units(model: nn.Module, meta: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """(model, model.json) wrapped with the standardisation of its data, when it had one: the
+    wrapped model takes and gives the user's units, and its spec rebuilds it that way."""
+    preprocess = meta.get("preprocess")
+    if not preprocess:
+        return model, meta
+    spec = {"kind": "preprocessed", "model": meta["spec"], "preprocess": preprocess}
+    return Preprocessed(model, preprocess), {**meta, "spec": spec, "preprocess": None}
+
+
+def load_model(directory: Path, user_units: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model saved by `save_model`; returns (module, metadata). The module works in
+    the standardised units it was trained in, or (user_units) in the units of the user's data."""
     directory = Path(directory)
     meta_path = directory / "model.json"
     if not meta_path.is_file():
@@ -119,16 +191,27 @@ def load_model(directory: Path) -> tuple[nn.Module, dict[str, Any]]:
     meta = json.loads(meta_path.read_text())
     model = build_model(meta["spec"], tuple(meta["input_shape"]), meta["num_outputs"])
     load_weights(model, directory / "model.safetensors")
-    return model, meta
+    if meta["spec"]["kind"] in FROZEN:  # another framework's model works in the user's units
+        preprocess = meta.get("preprocess")
+        return (
+            (model, meta)
+            if user_units or not preprocess
+            else (Standardized(model, preprocess), meta)
+        )
+    return in_user_units(model, meta) if user_units else (model, meta)
 
 
 __all__ = [
     "MLP",
     "MODELS",
+    "Preprocessed",
     "ResNet",
     "SmallCNN",
+    "Standardized",
     "build_model",
     "count_parameters",
+    "device_of",
+    "in_user_units",
     "load_model",
     "load_weights",
     "save_model",

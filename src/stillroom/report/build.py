@@ -26,7 +26,6 @@ from stillroom.export.formats import MANIFEST, ONNX, ONNX_INT8, WEIGHTS
 from stillroom.export.run_folder import RunFolder, open_run
 from stillroom.io import atomic_write_json, atomic_write_text
 from stillroom.models import count_parameters
-from stillroom.pipeline import gap_closed
 from stillroom.report.figures import write_figures
 from stillroom.report.html import render_html
 from stillroom.report.numbers import (
@@ -42,6 +41,7 @@ from stillroom.report.numbers import (
     torch_costs,
     torch_threads,
 )
+from stillroom.runs import gap_closed, read_marker, write_marker
 from stillroom.train.evaluate import METRICS
 
 NOTES = {
@@ -69,12 +69,15 @@ def build_report(run_dir: Path, out_dir: Path | None = None, timing: Timing = TI
     out = Path(out_dir) if out_dir is not None else run.path / "report"
     if out.exists() and not out.is_dir():
         raise StillroomError(f"{out} is a file; choose a folder for the report with --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / "report.json").is_file():
-        # only an earlier report is replaced: --out pointing at a run folder must not clobber it
+    earlier = (out / "report.json").is_file() or (read_marker(out) or {}).get("kind") == "report"
+    if out.is_dir() and any(out.iterdir()) and not earlier:
+        # only an earlier report (finished or interrupted) is replaced: --out pointing at a run
+        # folder must not clobber it
         raise StillroomError(
             f"{out} holds files that are not a stillroom report; choose an empty --out"
         )
     out.mkdir(parents=True, exist_ok=True)
+    write_marker(out, "report")  # first: a report killed after its first figure is still ours
     with torch_threads(timing.threads):
         numbers = measure_run(run, timing)
     figures = write_figures(numbers, out)

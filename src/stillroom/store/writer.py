@@ -13,7 +13,6 @@ whose files still match it are kept, the rest are computed again.
 from __future__ import annotations
 
 import difflib
-import shutil
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -36,6 +35,7 @@ import stillroom
 from stillroom.data import ArrayData
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_write_json
+from stillroom.runs import hold, remove_folder, replaceable, write_marker
 from stillroom.store.codec import TopKCodec, encode_topk, reconstruction_kl, topk_fidelity
 from stillroom.store.fingerprint import (
     FINGERPRINT_ATOL,
@@ -133,8 +133,10 @@ def cache_teacher(
             _check_resumable(out, previous, manifest)
             manifest.created = previous.created
         elif force and out.exists():
-            shutil.rmtree(out)  # only a stillroom store gets here (see _existing_store)
+            remove_folder(out, "store")  # only a stillroom store gets here (_existing_store)
         out.mkdir(parents=True, exist_ok=True)
+        hold(out)
+        write_marker(out, "store")
         manifest.save(out)
         codec = manifest.topk_codec()
         shards_dir = out / SHARDS
@@ -207,6 +209,7 @@ def _existing_store(out: Path, resume: bool, force: bool) -> Manifest | None:
             f"--force only replaces a stillroom store, and {out} holds no {MANIFEST}; "
             "choose another --out"
         )
+    replaceable(out, "store")  # a manifest.json alone may be the user's: the marker proves it
     return None
 
 

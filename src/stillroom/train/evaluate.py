@@ -35,7 +35,9 @@ def is_better(task: str, value: float, best: float | None) -> bool:
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    from stillroom.models import device_of
+
+    return device_of(model)
 
 
 def _concat(chunks: list[Any]) -> Any:
