@@ -95,10 +95,18 @@ def build_from_factory(
     if signature is not None:
         data = {"input_shape": tuple(input_shape), "num_outputs": num_outputs}
         call_kwargs.update({k: v for k, v in data.items() if k in signature.parameters})
+        takes = ", ".join(signature.parameters) or "no arguments"
+        params = signature.parameters.values()
+        open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+        unknown = [k for k in kwargs if k not in signature.parameters]
+        if unknown and not open_ended:  # a misspelt name first: it explains the missing one too
+            raise StillroomError(
+                f"factory {ref} got an unexpected keyword argument {unknown[0]!r}; "
+                f"it takes: {takes}"
+            )
         try:
             signature.bind(**call_kwargs)
         except TypeError as err:
-            takes = ", ".join(signature.parameters) or "no arguments"
             raise StillroomError(
                 f"factory {ref} cannot be called with kwargs ({', '.join(kwargs) or 'none'}): "
                 f"{_last_line(err)}; it takes: {takes}"
