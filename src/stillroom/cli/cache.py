@@ -16,7 +16,12 @@ from stillroom.errors import StillroomError
 
 
 def cache_command(
-    recipe: Annotated[Path, typer.Argument(help="YAML recipe; its teacher.checkpoint is cached")],
+    recipe: Annotated[
+        Path,
+        typer.Argument(
+            help="YAML recipe; its teacher (teacher.checkpoint, or an onnx / sklearn teacher.path) is cached"
+        ),
+    ],
     overrides: OverridesArg = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="store folder to create (required)")
@@ -62,27 +67,28 @@ def cache_command(
     """Cache the teacher's outputs on the training data: compute them once, train many students."""
     import torch
 
-    from stillroom.models import load_model
-    from stillroom.pipeline import prepare_data
+    from stillroom.models import FROZEN, Standardized
+    from stillroom.pipeline import given_teacher, prepare_data
     from stillroom.store import cache_teacher
 
     resolved = load_recipe(recipe, overrides or [])
     if out is None:
         raise StillroomError("pass --out STORE_DIR: the folder the store is written to")
-    checkpoint = resolved.teacher.checkpoint
-    if checkpoint is None:
+    section = resolved.teacher
+    if section.checkpoint is None and section.kind not in FROZEN:
         raise StillroomError(
             "stillroom cache needs a trained teacher: set teacher.checkpoint to a folder with "
-            "model.json + model.safetensors, e.g. teacher.checkpoint=runs/digits/teacher"
+            "model.json + model.safetensors, e.g. teacher.checkpoint=runs/digits/teacher, or "
+            "teacher.kind onnx / sklearn with teacher.path"
         )
-    teacher, meta = load_model(checkpoint)
-    _, train = prepare_data(resolved)  # the training split the student sees, labels or not
-    if tuple(meta["input_shape"]) != train.input_shape or meta["num_outputs"] != train.num_outputs:
-        raise StillroomError(
-            f"teacher {checkpoint} takes inputs {tuple(meta['input_shape'])} with "
-            f"{meta['num_outputs']} outputs, but the data has {train.input_shape} and "
-            f"{train.num_outputs}"
-        )
+    splits, train = prepare_data(resolved)  # the training split the student sees, labels or not
+    given = given_teacher(resolved, splits)  # checked against the data: one line if it does not fit
+    assert given is not None
+    teacher, meta = given
+    if section.kind in FROZEN and meta.get("preprocess"):
+        # another framework's model reads the user's units; the store holds what the students
+        # train on (standardised inputs), as `distill` reads the teacher back (load_model)
+        teacher = Standardized(teacher, meta["preprocess"])
     device = "cuda" if torch.cuda.is_available() and not resolved.cpu else "cpu"
     manifest = cache_teacher(
         teacher,

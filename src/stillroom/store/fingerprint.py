@@ -1,7 +1,8 @@
 """Fingerprints that tie a store to the teacher, the dataset and the exact inputs it was computed on.
 
 - teacher: sha256 of every state_dict tensor (names, dtypes, shapes, bytes): any weight or
-  batch-norm statistic that changes the outputs changes the hash.
+  batch-norm statistic that changes the outputs changes the hash. A teacher from another framework
+  (an ONNX graph, a skops estimator) keeps its weights in its file: its hash is the file's sha256.
 - dataset: sample count, input shape and dtype, and sha256 of a fixed, evenly spaced sample of
   inputs; cheap enough to check each time a store is opened for training.
 - per sample: the input's projection on a fixed seeded random unit vector and its L2 norm (two
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +25,8 @@ from torch.utils.data import Dataset
 
 from stillroom.data import ArrayData
 from stillroom.errors import StillroomError
+from stillroom.models import count_parameters
+from stillroom.models.external import OnnxModule, SklearnModule
 
 PROJECTION_SEED = 20150309  # fixed forever: stored fingerprints depend on it
 FINGERPRINT_RTOL = 1e-4
@@ -76,17 +80,44 @@ class InputSource:
 
 
 def teacher_fingerprint(module: nn.Module) -> dict[str, Any]:
-    """sha256 over the teacher's state_dict (sorted by name), with its class and parameter count."""
+    """sha256 over the teacher's state_dict (sorted by name), with its class and parameter count.
+
+    A teacher whose weights live in another framework's file (OnnxModule, SklearnModule, also
+    inside a wrapper such as `Standardized`) has no tensors of ours that could tell two teachers
+    apart: its sha256 is that of the .onnx / .skops file (of the file hashes and the state_dict
+    when there are several files or tensors beside it), and "files" names them.
+    """
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    state = module.state_dict()
+    for name, tensor in sorted(state.items()):
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(memoryview(flat.view(torch.uint8).numpy()))
-    return {
-        "sha256": digest.hexdigest(),
+    paths = sorted(
+        {m.path.resolve() for m in module.modules() if isinstance(m, OnnxModule | SklearnModule)}
+    )
+    files = {str(path): file_sha256(path) for path in paths}
+    if len(files) == 1 and not state:
+        sha256 = next(iter(files.values()))
+    else:
+        for path, file_hash in files.items():
+            digest.update(f"file|{path}|{file_hash}|".encode())
+        sha256 = digest.hexdigest()
+    fingerprint = {
+        "sha256": sha256,
         "class": type(module).__name__,
-        "parameters": sum(p.numel() for p in module.parameters()),
+        "parameters": count_parameters(module),
     }
+    return {**fingerprint, "files": files} if files else fingerprint
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def dataset_fingerprint(data: torch.Tensor | ArrayData | Dataset | InputSource) -> dict[str, Any]:
