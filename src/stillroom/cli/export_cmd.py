@@ -1,7 +1,9 @@
-"""`stillroom export RUN_DIR`: the distilled student as safetensors, torch.export and ONNX files."""
+"""`stillroom export PATH`: a student as the files of FORMATS (safetensors, torch.export, ONNX),
+each checked against PyTorch; a transformers student as ONNX beside its tokenizer."""
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 from typing import Annotated
 
@@ -10,20 +12,37 @@ from rich import box
 from rich.table import Table
 
 from stillroom.cli.common import TrustFactoryOption, console
+from stillroom.export.formats import FORMATS
 from stillroom.measure import format_bytes
 from stillroom.models import trust_factories
+
+FormatChoice = enum.StrEnum("FormatChoice", {name: name for name in FORMATS})
+"""--format takes a row of FORMATS: the choices are built from the table."""
+INPUTS = {"run": "test inputs", "model": "random inputs", "transformers": "random token sequences"}
+"""What the parity check ran on, by the kind of folder exported."""
 
 
 def export_command(
     run_dir: Annotated[
         Path,
         typer.Argument(
-            help="a finished classic run folder (e.g. runs/digits), or a model folder holding "
-            "model.json (e.g. runs/sd/self_distilled/exits/exit1)"
+            help="a finished classic run folder (e.g. runs/digits), a model folder holding "
+            "model.json (e.g. runs/sd/self_distilled/exits/exit1), or a transformers folder "
+            "holding config.json (e.g. runs/tiny_causal/student_kd)"
         ),
     ],
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="export folder (default RUN_DIR/export)")
+    ] = None,
+    formats: Annotated[
+        list[FormatChoice] | None,
+        typer.Option(
+            "--format",
+            "-f",
+            help="a format to write (repeat for several); default: all of them, onnx for a "
+            "transformers folder",
+            show_default=False,
+        ),
     ] = None,
     int8: Annotated[
         bool, typer.Option("--int8", help="also write an int8 ONNX file and report its accuracy")
@@ -34,36 +53,32 @@ def export_command(
     trust_factory: TrustFactoryOption = False,
 ) -> None:
     """Export a student (safetensors, ONNX, torch.export), each checked against PyTorch: on the
-    run's test split for a run folder, on seeded random inputs for a bare model folder."""
+    run's test split for a run folder, on seeded random inputs for a bare model folder, on seeded
+    random token ids for a transformers folder (ONNX, its tokenizer files beside it)."""
     # onnx and torch.export load only for this command
-    from stillroom.export import export_model_folder, export_run
+    from stillroom.export import export_path
 
     if trust_factory:
         trust_factories()
 
-    # a model folder (any method's student, an exit, a generation), or a classic run folder
-    is_model = (run_dir / "model.json").is_file() and not (run_dir / "config.yaml").is_file()
-    if is_model:
-        result = export_model_folder(run_dir, out, int8=int8, force=force)
-    else:
-        result = export_run(run_dir, out, int8=int8, force=force)
+    kind, result = export_path(
+        run_dir, out, [f.value for f in formats or []] or None, int8=int8, force=force
+    )
     manifest = result.manifest
     parity = manifest["parity"]
-    table = Table(
-        title=f"exported {run_dir if is_model else run_dir / manifest['source']['role']}",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-    )
+    title = run_dir / manifest["source"]["role"] if kind == "run" else run_dir
+    table = Table(title=f"exported {title}", title_justify="left", box=box.SIMPLE_HEAD)
     for column in ("format", "file", "size", "max |diff| vs PyTorch"):
         table.add_column(column, justify="left" if column in ("format", "file") else "right")
     files = manifest["files"]
-    for fmt, name in (
-        ("safetensors", "model.safetensors"),
-        ("torch.export", "model.pt2"),
-        ("onnx", "model.onnx"),
-    ):
-        check = parity["formats"][fmt.replace(".", "_")]
-        table.add_row(fmt, name, format_bytes(files[name]["bytes"]), f"{check['max_abs_diff']:.2e}")
+    for fmt, check in parity["formats"].items():
+        name = FORMATS[fmt].file
+        table.add_row(
+            FORMATS[fmt].label,
+            name,
+            format_bytes(files[name]["bytes"]),
+            f"{check['max_abs_diff']:.2e}",
+        )
     int8_report = manifest["int8"]
     if int8_report is not None:
         table.add_row(
@@ -73,7 +88,7 @@ def export_command(
             f"{int8_report['max_abs_diff']:.2e}",
         )
     table.caption = (
-        f"parity on {parity['checked_samples']} {'random' if is_model else 'test'} inputs; allowed "
+        f"parity on {parity['checked_samples']} {INPUTS[kind]}; allowed "
         f"{parity['tolerance']['allowed']:.2e} (atol {parity['tolerance']['atol']:g} + rtol "
         f"{parity['tolerance']['rtol']:g} x max|output|)"
     )

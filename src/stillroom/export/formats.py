@@ -1,41 +1,41 @@
 """Export one model for deployment, and check every export against eager PyTorch.
 
-An export folder:
+FORMATS is the table of export formats: each row names the file it writes, the function that
+writes it and the runtime that runs the file back for the parity check. An export folder holds
+the rows asked for (all by default):
 
-    model.safetensors + model.json   the weights and the config that rebuilds the module
-    model.pt2                        a torch.export program (load with torch.export.load)
-    model.onnx                       ONNX, one file, dynamic batch dimension (run with onnxruntime)
+    model.safetensors + model.json   safetensors: the weights and the config that rebuilds the module
+    model.pt2                        torch_export: a torch.export program (torch.export.load)
+    model.onnx                       onnx: one file, dynamic batch dimension (onnxruntime)
     model_int8.onnx                  with int8=True: MatMul/Gemm weights in int8 (onnxruntime)
     manifest.json                    files, sizes, sha256, parity diffs, tolerances, int8 metric;
                                      written last, so a folder without it is an interrupted export
 
 Parity: each float32 export runs on the check inputs (a run's test split) and on its first sample
-alone (the batch dimension really is dynamic); the largest absolute difference from the eager
-model's outputs must stay within `Tolerance.allowed`, or `export_model` raises StillroomError.
-The int8 file is not held to that tolerance (quantisation changes outputs by design): its max
-difference, its task metric next to float32 and its top-1 agreement are reported instead.
+alone, every other dynamic dim halved (those dims really are dynamic); the largest absolute
+difference from the eager model's outputs must stay within `Tolerance.allowed`, or `export_model`
+raises StillroomError. The int8 file is not held to that tolerance (quantisation changes outputs
+by design): its max difference, its task metric next to float32 and its top-1 agreement are
+reported instead.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
-import logging
 import shutil
-import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 from stillroom.errors import StillroomError
 from stillroom.export.run_folder import task_metric
+from stillroom.export.runtime import onnx_tools, quiet, run_in_chunks, run_onnx
 from stillroom.io import atomic_write_json
 from stillroom.models import count_parameters, save_weights
 
@@ -47,9 +47,6 @@ WEIGHTS, CONFIG, PROGRAM, ONNX, ONNX_INT8, MANIFEST = (
     "model_int8.onnx",
     "manifest.json",
 )
-EXPORT_FILES = (WEIGHTS, CONFIG, PROGRAM, ONNX, ONNX_INT8, MANIFEST)
-CHUNK = 1024
-"""Check inputs run through each runtime in chunks of this many samples, to bound memory."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +80,172 @@ class ExportResult:
         return {name: self.out_dir / name for name in self.manifest["files"]}
 
 
+@dataclass(frozen=True)
+class Signature:
+    """The forward arguments of an export: their names, which dims vary, the output's name.
+
+    dynamic: per input, {dim: axis name}; inputs that share an axis name share one torch.export
+    Dim (they are batched together); output_axes: the same for the output, for the manifest.
+    Default: one input "input" with a dynamic dim 0 "batch".
+    """
+
+    names: tuple[str, ...] = ("input",)
+    dynamic: tuple[dict[int, str], ...] = ({0: "batch"},)
+    output: str = "output"
+    output_axes: dict[int, str] = field(default_factory=lambda: {0: "batch"})
+
+    @classmethod
+    def batched(cls, count: int) -> Signature:
+        """`count` inputs batched on dim 0: "input", or "input_0", "input_1", ..."""
+        names = ("input",) if count == 1 else tuple(f"input_{i}" for i in range(count))
+        return cls(names, tuple({0: "batch"} for _ in names))
+
+    def dynamic_shapes(self) -> tuple[dict[int, Any], ...]:
+        dims = {name: torch.export.Dim(name) for axes in self.dynamic for name in axes.values()}
+        return tuple({dim: dims[name] for dim, name in axes.items()} for axes in self.dynamic)
+
+    def shrink(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """The first sample alone, every other dynamic dim cut to half its length (at least 1):
+        sizes never seen while tracing, so the exports prove those dims really are dynamic."""
+        out = []
+        for x, axes in zip(inputs, self.dynamic, strict=True):
+            index: list[slice] = [slice(None)] * x.dim()
+            for dim in axes:
+                index[dim] = slice(0, 1 if dim == 0 else max(1, x.shape[dim] // 2))
+            out.append(x[tuple(index)])
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """What every format's writer and reader get: the bare eval-mode CPU model, the traced example
+    inputs (batch >= 2), the folder, the signature and the config written to model.json."""
+
+    model: nn.Module
+    example: tuple[torch.Tensor, ...]
+    out_dir: Path
+    signature: Signature
+    config: dict[str, Any]
+
+    @property
+    def class_name(self) -> str:
+        return f"{type(self.model).__module__}.{type(self.model).__qualname__}"
+
+
+Runner = Callable[..., torch.Tensor]
+"""runner(*inputs) -> the output of the exported file, as the eager model's."""
+
+
+@dataclass(frozen=True)
+class Format:
+    """One row of FORMATS.
+
+    files: what `write` puts in the export folder (the first is the format's own file);
+    write(job): writes them; load(job) -> runner: reads the written file back with `runtime`, so
+    the parity check is of the file, not of an object in memory.
+    """
+
+    files: tuple[str, ...]
+    write: Callable[[ExportJob], None]
+    load: Callable[[ExportJob], Runner]
+    runtime: str
+    label: str
+
+    @property
+    def file(self) -> str:
+        return self.files[0]
+
+
+def _write_safetensors(job: ExportJob) -> None:
+    save_weights(job.model, job.out_dir / WEIGHTS)
+    atomic_write_json(job.out_dir / CONFIG, {"class": job.class_name, **job.config})
+
+
+def _load_safetensors(job: ExportJob) -> Runner:
+    # loaded into a zeroed copy: the file alone must carry every tensor
+    reloaded = _zeroed_copy(job.model)
+    reloaded.load_state_dict(load_file(str(job.out_dir / WEIGHTS)), strict=True)
+    return lambda *xs: _eager(reloaded, *xs)
+
+
+def _write_torch_export(job: ExportJob) -> None:
+    with quiet():
+        program = torch.export.export(
+            job.model, job.example, dynamic_shapes=job.signature.dynamic_shapes()
+        )
+        torch.export.save(program, job.out_dir / PROGRAM)
+
+
+def _load_torch_export(job: ExportJob) -> Runner:
+    with quiet():
+        loaded = torch.export.load(job.out_dir / PROGRAM).module()
+    return lambda *xs: _eager(loaded, *xs)
+
+
+def _write_onnx(job: ExportJob) -> None:
+    signature = job.signature
+    with quiet():
+        torch.onnx.export(
+            job.model,
+            job.example,
+            str(job.out_dir / ONNX),
+            dynamo=True,
+            external_data=False,  # one self-contained file, as deployment tools expect
+            dynamic_shapes=signature.dynamic_shapes(),
+            input_names=list(signature.names),
+            output_names=[signature.output],
+            opset_version=ONNX_OPSET,
+            verbose=False,
+        )
+
+
+def _load_onnx(job: ExportJob) -> Runner:
+    session = onnx_tools().session(job.out_dir / ONNX)
+    names, output = list(job.signature.names), job.signature.output
+    return lambda *xs: run_onnx(session, names, xs, output)
+
+
+FORMATS: dict[str, Format] = {
+    "safetensors": Format(
+        (WEIGHTS, CONFIG),
+        _write_safetensors,
+        _load_safetensors,
+        "PyTorch, weights loaded from the file into a zeroed copy",
+        "safetensors",
+    ),
+    "torch_export": Format(
+        (PROGRAM,), _write_torch_export, _load_torch_export, "torch.export.load", "torch.export"
+    ),
+    "onnx": Format((ONNX,), _write_onnx, _load_onnx, "onnxruntime, CPU", "onnx"),
+}
+"""Every export format, in the order they are written and shown."""
+
+FormatName = Literal["safetensors", "torch_export", "onnx"]
+"""The names of FORMATS, for signatures (a test holds the two together)."""
+assert get_args(FormatName) == tuple(FORMATS)
+
+ONNX_OPSET = 18
+"""The opset every ONNX file is written in: onnxruntime >= 1.14 runs it (1.23 runs up to 23)."""
+
+EXPORT_FILES = (*(f for row in FORMATS.values() for f in row.files), ONNX_INT8, MANIFEST)
+"""Every file an export of a stillroom model may write."""
+
+
+def check_formats(formats: tuple[str, ...] | list[str], int8: bool = False) -> tuple[str, ...]:
+    """The asked formats, in table order; one-line errors for an unknown, empty or int8 without
+    onnx choice."""
+    unknown = [name for name in formats if name not in FORMATS]
+    if unknown:
+        raise StillroomError(
+            f"unknown export format {unknown[0]!r}; available: {', '.join(FORMATS)}"
+        )
+    if not formats:
+        raise StillroomError(f"choose at least one export format: {', '.join(FORMATS)}")
+    if int8 and "onnx" not in formats:
+        raise StillroomError("--int8 quantises the ONNX file: add --format onnx")
+    return tuple(name for name in FORMATS if name in formats)
+
+
 def export_model(
     model: nn.Module,
     example_inputs: torch.Tensor | tuple[torch.Tensor, ...],
@@ -92,10 +255,14 @@ def export_model(
     targets: torch.Tensor | None = None,
     task: str = "classification",
     config: dict[str, Any] | None = None,
+    formats: tuple[str, ...] | list[str] = tuple(FORMATS),
     int8: bool = False,
     force: bool = False,
     tolerance: Tolerance = TOLERANCE,
     source: dict[str, Any] | None = None,
+    signature: Signature | None = None,
+    model_info: dict[str, Any] | None = None,
+    extra_files: dict[str, Path] | None = None,
 ) -> ExportResult:
     """Export `model` (any nn.Module with tensor inputs and one tensor output) into `out_dir`.
 
@@ -112,103 +279,91 @@ def export_model(
         task: "classification" (accuracy, agreement) or "regression" (rmse).
         config: JSON-able description written to model.json (e.g. a stillroom model.json: spec,
             input_shape, num_outputs), so the weights can be rebuilt without guessing.
-        int8: also write model_int8.onnx (dynamic int8 quantisation, onnxruntime).
+        formats: names of FORMATS rows to write (default: all of them).
+        int8: also write model_int8.onnx (dynamic int8 quantisation, onnxruntime); needs "onnx".
         force: replace `out_dir` if it already holds an export.
         tolerance: the parity bound for the float32 exports.
         source: recorded in the manifest (e.g. the run folder and role exported).
+        signature: input names, dynamic dims and output name (default: inputs batched on dim 0,
+            "input" / "input_0", ..., output "output").
+        model_info: extra facts about the model for the manifest (e.g. its architecture).
+        extra_files: {name in the export folder: file to copy there}, e.g. a tokenizer's files
+            that make the folder deployable; listed in the manifest with the exports.
 
     Returns the folder and its manifest. Raises StillroomError when an export's outputs differ
     from the eager model by more than the tolerance (the files stay, for inspection).
     """
+    formats = check_formats(formats, int8)
     tools = onnx_tools()
     out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir, force)
+    extra_files = extra_files or {}
+    _prepare_out_dir(out_dir, force, tuple(extra_files))
+    for name, path in extra_files.items():
+        shutil.copyfile(path, out_dir / name)
     model = _bare_copy(model).eval().cpu()
     example_inputs = _as_tuple(example_inputs)
     example = tuple(_at_least_two(x) for x in example_inputs)
     check = _as_tuple(check_inputs) if check_inputs is not None else example_inputs
-    names = ["input"] if len(example) == 1 else [f"input_{i}" for i in range(len(example))]
-    # one Dim shared by every input: they are batched together
-    batch = torch.export.Dim("batch")
-    dynamic_shapes = tuple({0: batch} for _ in example)
+    signature = signature or Signature.batched(len(example))
+    job = ExportJob(model, example, out_dir, signature, config or {})
 
     reference = run_in_chunks(lambda *xs: _eager(model, *xs), check)
-    first = tuple(x[:1] for x in check)
+    small = signature.shrink(check)
+    small_reference = _eager(model, *small)
 
-    # 1. weights + config; loaded back into a zeroed copy, so the file alone must carry every tensor
-    save_weights(model, out_dir / WEIGHTS)
-    class_name = f"{type(model).__module__}.{type(model).__qualname__}"
-    atomic_write_json(out_dir / CONFIG, {"class": class_name, **(config or {})})
-    reloaded = _zeroed_copy(model)
-    reloaded.load_state_dict(load_file(str(out_dir / WEIGHTS)), strict=True)
-    outputs = {"safetensors": run_in_chunks(lambda *xs: _eager(reloaded, *xs), check)}
-
-    # 2. torch.export program, saved and loaded back: the parity is of the file, not the object
-    with _quiet():
-        program = torch.export.export(model, example, dynamic_shapes=dynamic_shapes)
-        torch.export.save(program, out_dir / PROGRAM)
-        loaded = torch.export.load(out_dir / PROGRAM).module()
-    outputs["torch_export"] = run_in_chunks(lambda *xs: _eager(loaded, *xs), check)
-    single = {"torch_export": _eager(loaded, *first)}
-
-    # 3. ONNX through onnxruntime
-    with _quiet():
-        torch.onnx.export(
-            model,
-            example,
-            str(out_dir / ONNX),
-            dynamo=True,
-            external_data=False,  # one self-contained file, as deployment tools expect
-            dynamic_shapes=dynamic_shapes,
-            input_names=names,
-            output_names=["output"],
-            verbose=False,
-        )
-    session = tools.session(out_dir / ONNX)
-    outputs["onnx"] = run_in_chunks(lambda *xs: run_onnx(session, names, xs), check)
-    single["onnx"] = run_onnx(session, names, first)
+    outputs, single = {}, {}
+    for name in formats:
+        _write(FORMATS[name], job)
+        run = FORMATS[name].load(job)
+        outputs[name] = run_in_chunks(run, check)
+        single[name] = run(*small)
 
     allowed = tolerance.allowed(reference)
     parity = {}
     for fmt, out in outputs.items():
-        diff = _max_abs_diff(out, reference)
-        if fmt in single:
-            diff = max(diff, _max_abs_diff(single[fmt], reference[:1]))
-        parity[fmt] = {"max_abs_diff": diff, "allowed": allowed, "passed": diff <= allowed}
+        diff = max(_max_abs_diff(out, reference), _max_abs_diff(single[fmt], small_reference))
+        parity[fmt] = {
+            "max_abs_diff": diff,
+            "allowed": allowed,
+            "passed": diff <= allowed,
+            "runtime": FORMATS[fmt].runtime,
+        }
 
     int8_report = None
     if int8:
         tools.quantize(out_dir / ONNX, out_dir / ONNX_INT8)
         int8_session = tools.session(out_dir / ONNX_INT8)
-        quantised = run_in_chunks(lambda *xs: run_onnx(int8_session, names, xs), check)
+        names, output = list(signature.names), signature.output
+        quantised = run_in_chunks(lambda *xs: run_onnx(int8_session, names, xs, output), check)
         int8_report = _int8_report(reference, quantised, targets, task)
 
     manifest = {
         "format_version": 1,
         "source": source or {},
         "model": {
-            "class": class_name,
+            "class": job.class_name,
             "parameters": count_parameters(model),
+            **(model_info or {}),
         },
         "inputs": [
             {
                 "name": n,
-                "shape": ["batch", *x.shape[1:]],
+                "shape": _axes(x, dynamic),
                 "dtype": str(x.dtype).removeprefix("torch."),
             }
-            for n, x in zip(names, example, strict=True)
+            for n, x, dynamic in zip(signature.names, example, signature.dynamic, strict=True)
         ],
-        "outputs": [{"name": "output", "shape": ["batch", *reference.shape[1:]]}],
+        "outputs": [{"name": signature.output, "shape": _axes(reference, signature.output_axes)}],
         "parity": {
             "checked_samples": int(check[0].shape[0]),
             "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol, "allowed": allowed},
             "formats": parity,
             "note": "max |export - eager PyTorch| over the check inputs and over the first sample "
-            "alone (batch 1); allowed = atol + rtol * max|eager output|",
+            "alone (batch 1, other dynamic dims halved); allowed = atol + rtol * max|eager output|",
         },
         "int8": int8_report,
-        "files": _describe_files(out_dir),
-        "versions": tools.versions(out_dir / ONNX),
+        "files": _describe_files(out_dir, (*EXPORT_FILES, *extra_files)),
+        "versions": tools.versions(out_dir / ONNX if "onnx" in formats else None),
         "passed": all(p["passed"] for p in parity.values()),
     }
     atomic_write_json(out_dir / MANIFEST, manifest)
@@ -223,8 +378,25 @@ def export_model(
     return ExportResult(out_dir, manifest)
 
 
-def _prepare_out_dir(out_dir: Path, force: bool) -> None:
-    """Never overwrite without --force; even then, only a folder that holds nothing but an export."""
+def _write(row: Format, job: ExportJob) -> None:
+    """row.write(job), its failure one line: torch.export and the ONNX exporter raise many error
+    types, with pages of trace, for a model they cannot trace."""
+    try:
+        row.write(job)
+    except StillroomError:
+        raise
+    except Exception as err:
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        detail = lines[0][:300] if lines else "(no message)"
+        raise StillroomError(
+            f"{row.label} export of {type(job.model).__name__} failed ({type(err).__name__}: "
+            f"{detail}); export the other formats with --format, or simplify the model's forward"
+        ) from None
+
+
+def _prepare_out_dir(out_dir: Path, force: bool, extra_files: tuple[str, ...] = ()) -> None:
+    """Never overwrite without --force; even then, only a folder that holds nothing but an export
+    (its own files, and the `extra_files` an export of this kind copies in)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise StillroomError(f"{out_dir} is a file; choose a folder for the export with --out")
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -233,7 +405,8 @@ def _prepare_out_dir(out_dir: Path, force: bool) -> None:
                 f"export folder {out_dir} already exists; pass --force to replace it or choose "
                 "another --out"
             )
-        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in EXPORT_FILES)
+        ours = (*EXPORT_FILES, *extra_files)
+        foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in ours)
         if foreign:
             raise StillroomError(
                 f"--force only replaces an export folder, and {out_dir} also holds "
@@ -283,20 +456,6 @@ def _eager(model: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.T
     return out.float()
 
 
-def run_onnx(session: Any, names: list[str], inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The "output" of an onnxruntime session fed `inputs` under `names`, as a float32 tensor."""
-    feeds = {name: x.numpy() for name, x in zip(names, inputs, strict=True)}
-    return torch.from_numpy(np.asarray(session.run(["output"], feeds)[0])).float()
-
-
-def run_in_chunks(
-    run: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]
-) -> torch.Tensor:
-    """run(*inputs) over (N, ...) inputs in chunks of CHUNK samples -> (N, ...) outputs."""
-    n = inputs[0].shape[0]
-    return torch.cat([run(*(x[i : i + CHUNK] for x in inputs)) for i in range(0, n, CHUNK)])
-
-
 def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.shape != b.shape:
         raise StillroomError(f"export output shape {tuple(a.shape)} != PyTorch's {tuple(b.shape)}")
@@ -323,84 +482,17 @@ def _int8_report(
     return report
 
 
-def _describe_files(out_dir: Path) -> dict[str, dict[str, Any]]:
+def _axes(x: torch.Tensor, dynamic: dict[int, str]) -> list[int | str]:
+    """x's shape with each dynamic dim named: e.g. ["batch", "sequence", 100]."""
+    return [dynamic.get(dim, size) for dim, size in enumerate(x.shape)]
+
+
+def _describe_files(out_dir: Path, names: tuple[str, ...]) -> dict[str, dict[str, Any]]:
     return {
         name: {
             "bytes": (out_dir / name).stat().st_size,
             "sha256": hashlib.sha256((out_dir / name).read_bytes()).hexdigest(),
         }
-        for name in EXPORT_FILES
+        for name in names
         if (out_dir / name).is_file() and name != MANIFEST
     }
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence the exporters' chatter that says nothing about this model: "torchvision is not
-    installed" log lines and torch's own internal deprecation notices. Errors still raise, and
-    other warnings still show."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", category=FutureWarning)
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-@dataclass(frozen=True)
-class OnnxTools:
-    """onnx and onnxruntime, imported only when exporting: they are the optional `export` extra."""
-
-    onnx: Any
-    ort: Any
-
-    def session(self, path: Path, threads: int | None = None) -> Any:
-        """A CPU inference session; `threads` intra-op threads (None: onnxruntime's default)."""
-        options = self.ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: no optimizer notices on stderr
-        if threads is not None:
-            options.intra_op_num_threads = threads
-        return self.ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def quantize(self, source: Path, target: Path) -> None:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        # shape inference + graph cleanup first, as onnxruntime recommends before quantising
-        prepared = target.with_name(f".{target.name}.pre")
-        try:
-            quant_pre_process(str(source), str(prepared))
-            quantize_dynamic(
-                str(prepared),
-                str(target),
-                weight_type=QuantType.QInt8,
-                op_types_to_quantize=["MatMul", "Gemm"],
-            )
-        finally:
-            prepared.unlink(missing_ok=True)
-
-    def versions(self, onnx_path: Path) -> dict[str, Any]:
-        model = self.onnx.load(str(onnx_path), load_external_data=False)
-        opset = next(op.version for op in model.opset_import if op.domain in ("", "ai.onnx"))
-        return {
-            "torch": torch.__version__,
-            "onnx": self.onnx.__version__,
-            "onnxruntime": self.ort.__version__,
-            "onnx_opset": opset,
-        }
-
-
-def onnx_tools() -> OnnxTools:
-    try:
-        import onnx
-        import onnxruntime
-        import onnxscript  # noqa: F401  torch.onnx.export(dynamo=True) needs it
-    except ImportError as err:
-        raise StillroomError(
-            f"export needs onnx, onnxruntime and onnxscript ({err.name} is missing); install them "
-            "with: pip install 'stillroom[export]'"
-        ) from None
-    return OnnxTools(onnx, onnxruntime)

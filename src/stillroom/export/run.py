@@ -1,5 +1,9 @@
-"""`export_run`: the distilled student of a run folder, exported and checked on the run's test
-split; `export_model_folder`: any model folder stillroom saved (a student of any method)."""
+"""`export_path`: whatever `stillroom export PATH` is given, one of
+
+export_run                  a classic run folder's distilled student, checked on its test split
+export_model_folder         any model folder stillroom saved (model.json: a student of any method)
+export_transformers_folder  a transformers folder (config.json: encoder / causal LM students)
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,45 @@ import torch
 
 from stillroom.data import to_user_units
 from stillroom.errors import StillroomError
-from stillroom.export.formats import TOLERANCE, ExportResult, Tolerance, export_model
+from stillroom.export.formats import FORMATS, TOLERANCE, ExportResult, Tolerance, export_model
 from stillroom.export.run_folder import open_run
+from stillroom.export.transformers_folder import (
+    TRANSFORMERS_FORMATS,
+    export_transformers_folder,
+    is_transformers_folder,
+)
 from stillroom.models import in_user_units, load_model
 
 CHECK_SAMPLES = 256
+
+
+def export_path(
+    path: Path,
+    out_dir: Path | None = None,
+    formats: tuple[str, ...] | list[str] | None = None,
+    int8: bool = False,
+    force: bool = False,
+) -> tuple[str, ExportResult]:
+    """Export what `path` holds: ("run" | "model" | "transformers", result). `formats`: FORMATS
+    rows (default: every row for stillroom models, TRANSFORMERS_FORMATS for transformers)."""
+    path = Path(path)
+    if (path / "model.json").is_file() and not (path / "config.yaml").is_file():
+        chosen = formats or tuple(FORMATS)
+        return "model", export_model_folder(path, out_dir, int8, force, formats=chosen)
+    if is_transformers_folder(path):
+        chosen = formats or TRANSFORMERS_FORMATS
+        return "transformers", export_transformers_folder(path, out_dir, chosen, int8, force)
+    if (
+        path.is_dir()
+        and not (path / "config.yaml").is_file()
+        and not (path / "demo.json").is_file()
+    ):
+        raise StillroomError(
+            f"{path} is neither a stillroom run folder (config.yaml), a stillroom model folder "
+            "(model.json + model.safetensors) nor a transformers folder (config.json + "
+            "model.safetensors); give the folder `stillroom distill` wrote, or one of its students"
+        )
+    return "run", export_run(path, out_dir, int8, force, formats=formats or tuple(FORMATS))
 
 
 def export_run(
@@ -23,6 +61,7 @@ def export_run(
     force: bool = False,
     role: str = "student_kd",
     tolerance: Tolerance = TOLERANCE,
+    formats: tuple[str, ...] | list[str] = tuple(FORMATS),
 ) -> ExportResult:
     """Export `run_dir/role` (the student alone: no teacher, projector or discriminator is part of
     its saved module) into `out_dir` (default `run_dir/export`), checked on the test split.
@@ -44,6 +83,7 @@ def export_run(
         targets=test.targets,
         task=run.task,
         config=meta,
+        formats=formats,
         int8=int8,
         force=force,
         tolerance=tolerance,
@@ -57,6 +97,7 @@ def export_model_folder(
     int8: bool = False,
     force: bool = False,
     tolerance: Tolerance = TOLERANCE,
+    formats: tuple[str, ...] | list[str] = tuple(FORMATS),
 ) -> ExportResult:
     """Export a model folder written by stillroom (model.json + model.safetensors), e.g. a
     self-distilled exit, a chain generation or an ensemble member, into `out_dir` (default
@@ -80,6 +121,7 @@ def export_model_folder(
         Path(out_dir) if out_dir is not None else folder / "export",
         check_inputs=(inputs,),
         config=meta,
+        formats=formats,
         int8=int8,
         force=force,
         tolerance=tolerance,
