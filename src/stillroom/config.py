@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stillroom.data.section import DataSection
 from stillroom.errors import StillroomError
-from stillroom.objective import TermSpec
+from stillroom.objective import (
+    DEFAULT_TEMPERATURE,
+    OUTPUT_KINDS,
+    SPECS,
+    AnyTermSpec,
+    DkdSpec,
+    field_default,
+    spec_problem,
+)
 from stillroom.train.args import TrainArgs
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
@@ -125,88 +133,9 @@ class TeacherSection(ModelSection):
     train: TrainSection = TrainSection(epochs=20)
 
 
-class TermSection(_Section):
-    """One extra weighted term of the objective (see stillroom.objective.TERMS)."""
-
-    kind: Literal[
-        "soft_target",
-        "topk_soft_target",
-        "regression",
-        "dkd",
-        "hard_label",
-        "hint",
-        "attention_transfer",
-        "hidden_state",
-        "attention_map",
-        "rkd_distance",
-        "rkd_angle",
-        "token_kl",
-        "adversarial",
-    ]
-    weight: float = Field(1.0, ge=0, description="the term's weight in the summed loss")
-    student: str | None = Field(
-        None,
-        description="student module name (named_modules()); 'layers.*' pairs numbered children",
-    )
-    teacher: str | None = Field(None, description="teacher module name, as for student")
-    temperature: float | None = Field(
-        None, gt=0, description="soft_target/dkd; default distill.temperature"
-    )
-    dkd_alpha: float = Field(1.0, ge=0, description="dkd: weight of the target-class term")
-    dkd_beta: float = Field(8.0, ge=0, description="dkd: weight of the non-target-class term")
-    p: float = Field(2.0, gt=0, description="attention_transfer: power of the attention map")
-    similarity: Literal["mse", "cosine"] = Field(
-        "mse", description="hidden_state: MSE or 1 - cosine"
-    )
-    layer_map: list[tuple[int, int]] | None = Field(
-        None, description="explicit (student index, teacher index) pairs for 'x.*' names"
-    )
-    name: str | None = Field(
-        None, description="log name (train/<name>); default kind:student->teacher"
-    )
-    output: str | None = Field(
-        None, description="models with named outputs: the student output the term reads"
-    )
-    teacher_output: str | None = Field(
-        None,
-        description="the teacher (or, with source student, the student) output; default output",
-    )
-    source: Literal["teacher", "student"] = Field(
-        "teacher",
-        description="where the other side comes from: the teacher, or the student's own output/layer "
-        "(detached; self-distillation)",
-    )
-    task: Literal["classification", "regression", "language_modeling", "embedding"] | None = Field(
-        None, description="hard_label: the task of `output` (default: the data's task)"
-    )
-    beta: float = Field(
-        0.0,
-        ge=0,
-        le=1,
-        description="token_kl: 0 forward KL, 1 reverse KL, between: generalized JSD",
-    )
-    chunk_size: int | None = Field(
-        None, ge=1, description="token_kl: positions per chunk (bounds fp32 memory)"
-    )
-    mask: Literal["labels", "attention", "none"] = Field(
-        "labels", description="token_kl: which tokens count (labels != -100, attention_mask, all)"
-    )
-    hidden: int = Field(64, ge=1, description="adversarial: discriminator hidden width")
-    critic_lr: float = Field(1e-3, gt=0, description="adversarial: discriminator learning rate")
-
-    @model_validator(mode="after")
-    def _layers_given(self) -> TermSection:
-        if self.kind == "adversarial" and bool(self.student) != bool(self.teacher):
-            raise ValueError(
-                "an 'adversarial' term compares outputs (no names) or two layers (both names)"
-            )
-        if self.kind in ("hint", "attention_transfer", "hidden_state", "attention_map") and not (
-            self.student and self.teacher
-        ):
-            raise ValueError(
-                f"a '{self.kind}' term needs both 'student' and 'teacher' module names"
-            )
-        return self
+TermSection = AnyTermSpec
+"""One extra weighted term of the objective: the spec class of its `kind` (stillroom.objective.SPECS;
+each kind's fields and defaults are declared there, once)."""
 
 
 class DistillSection(TrainSection):
@@ -215,12 +144,16 @@ class DistillSection(TrainSection):
     alpha: float = Field(
         0.9, ge=0, le=1, description="weight of the distillation term; 1 - alpha weights the labels"
     )
-    temperature: float = Field(4.0, gt=0)
-    loss: Literal["soft_target", "topk_soft_target", "regression", "dkd"] = Field(
+    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0)
+    loss: Literal[OUTPUT_KINDS] = Field(  # type: ignore[valid-type]
         "soft_target", description="the output distillation term weighted by alpha"
     )
-    dkd_alpha: float = Field(1.0, ge=0, description="loss dkd: weight of the target-class term")
-    dkd_beta: float = Field(8.0, ge=0, description="loss dkd: weight of the non-target-class term")
+    dkd_alpha: float = Field(
+        field_default(DkdSpec, "dkd_alpha"), ge=0, description="loss dkd: weight of the TCKD term"
+    )
+    dkd_beta: float = Field(
+        field_default(DkdSpec, "dkd_beta"), ge=0, description="loss dkd: weight of the NCKD term"
+    )
     terms: list[TermSection] = Field(
         [],
         description="extra weighted terms: hint, attention_transfer, hidden_state, attention_map, "
@@ -272,16 +205,8 @@ class Recipe(_Section):
         """Plain TrainArgs for the loop from a training section (teacher.train or distill)."""
         fields = section.model_dump(exclude={"terms"})
         if isinstance(section, DistillSection):
-            fields["terms"] = tuple(
-                TermSpec(
-                    **{
-                        **term.model_dump(exclude={"temperature", "layer_map"}),
-                        "temperature": term.temperature or section.temperature,
-                        "layer_map": tuple(map(tuple, term.layer_map)) if term.layer_map else None,
-                    }
-                )
-                for term in section.terms
-            )
+            # the validated sections are the specs; an unset temperature is the run's
+            fields["terms"] = tuple(section.terms)
         fields.update(extra)
         return TrainArgs(**fields, task=task, seed=self.seed, cpu=self.cpu)
 
@@ -313,34 +238,63 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def _allowed_keys(loc: tuple[Any, ...], schema: type[BaseModel]) -> list[str]:
-    model: type[BaseModel] = schema
-    for part in loc:
+def _node_at(loc: tuple[Any, ...], schema: type[Any]) -> tuple[type[Any], tuple[Any, ...], str]:
+    """The section class at `loc`, the loc as the user wrote it, and the term kind when it passes
+    through a list of term sections (pydantic adds the `kind` tag to an error's loc)."""
+    node, shown, kind = schema, [], ""
+    parts = iter(loc)
+    for part in parts:
+        shown.append(part)
         if isinstance(part, int):  # an item of a list of sections (generations, terms)
             continue
-        field = model.model_fields.get(str(part))
+        field = node.__pydantic_fields__.get(str(part))
         annotation = field.annotation if field is not None else None
         if get_origin(annotation) is list:
             annotation = get_args(annotation)[0]
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        if get_origin(annotation) is Annotated:  # a discriminated union: the next parts are the
+            members = {_kind_of(m): m for m in get_args(get_args(annotation)[0])}  # index, tag
+            index, kind = next(parts, None), str(next(parts, ""))
+            shown.append(index)
+            if kind not in members:
+                break
+            node = members[kind]
+            continue
+        if not (isinstance(annotation, type) and hasattr(annotation, "__pydantic_fields__")):
             break
-        model = annotation
-    return list(model.model_fields)
+        node = annotation
+    return node, tuple(p for p in shown if p is not None), kind
+
+
+def _kind_of(spec_class: type[Any]) -> str:
+    return get_args(spec_class.__pydantic_fields__["kind"].annotation)[0]
 
 
 def _explain(error: ValidationError, source: str, schema: type[BaseModel] = Recipe) -> str:
     """The first validation error as one line: where, what was given, what is allowed."""
     first = error.errors()[0]
     loc = tuple(first["loc"])
-    path = ".".join(str(p) for p in loc) or "(top level)"
     more = f" (and {error.error_count() - 1} more problem(s))" if error.error_count() > 1 else ""
-    if first["type"] == "extra_forbidden":
-        allowed = _allowed_keys(loc[:-1], schema)
+    if first["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        node, shown, kind = _node_at(loc[:-1], schema)
+        allowed = list(node.__pydantic_fields__)
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = f"; did you mean '{close[0]}'?" if close else "."
+        if kind:  # a term section: name the kind, and the kinds the field belongs to
+            where = ".".join(str(p) for p in shown)
+            problem = spec_problem(kind, {**first, "loc": loc[-1:]})
+            return f"{source}: {where}: {problem}{hint} Allowed here: {', '.join(allowed)}{more}"
+        path = ".".join(str(p) for p in loc)
         return f"{source}: unknown key '{path}'{hint} Allowed here: {', '.join(allowed)}{more}"
-    given = first.get("input")
-    return f"{source}: {path}: {first['msg']} (given {given!r}){more}"
+    _, shown, _ = _node_at(loc, schema)
+    path = ".".join(str(p) for p in shown) or "(top level)"
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        kinds = list(SPECS)
+        given = first["input"].get("kind") if isinstance(first["input"], dict) else None
+        close = difflib.get_close_matches(str(given), kinds, n=1) if given is not None else []
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        what = f"unknown term kind {given!r}" if given is not None else "a term needs a kind"
+        return f"{source}: {path}.kind: {what}{hint or '.'} Allowed: {', '.join(kinds)}{more}"
+    return f"{source}: {path}: {first['msg']} (given {first.get('input')!r}){more}"
 
 
 def read_recipe_tree(

@@ -1,9 +1,9 @@
 """The term kinds of the objective: what each one computes, built from a `TermSpec`.
 
 `stillroom.objective.TERMS` maps every kind a recipe may name to one builder here:
-`builder(spec, ctx) -> [Term, ...]` (a `layers.*` pattern gives one term per layer pair). A built
-term is `compute(step) -> scalar`, weighted by `weight`; the data types a term reads and is built
-from (TermSpec, StepOutputs, Term, BuildContext) are defined here too.
+`builder(spec, ctx) -> [Term, ...]` (a `layers.*` pattern gives one term per layer pair), `spec`
+being the kind's spec class (stillroom.objective). A built term is `compute(step) -> scalar`,
+weighted by `weight`; the data types a term reads (StepOutputs, Term, BuildContext) are defined here.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,7 @@ from stillroom.errors import StillroomError
 from stillroom.losses import (
     HARD_LABEL_TERMS,
     IGNORE_INDEX,
+    TopKTargets,
     regression_distillation_loss,
     soft_target_loss,
     topk_soft_target_loss,
@@ -45,46 +46,15 @@ from stillroom.losses.features import (
 from stillroom.losses.relations import rkd_angle_loss, rkd_distance_loss
 from stillroom.losses.sequence import token_distillation_loss
 
-
-@dataclass(frozen=True)
-class TermSpec:
-    """One weighted term as a user declares it (recipe `distill.terms` or the Python API).
-
-    kind: a key of TERMS. student / teacher: module names (as `named_modules()` reports them) whose
-    outputs the term compares; None means the model outputs. A name ending in `.*` (e.g.
-    `layers.*`) stands for the numbered children of a container, paired uniformly (TinyBERT's
-    g(m) = m * N / M) or by `layer_map` [(student_index, teacher_index), ...].
-    output / teacher_output: keys into dict outputs (teacher_output defaults to output).
-    source: "teacher", or "student" to read the other side from the student's own outputs or
-    layers, detached (self-distillation). task: the task of `output` for hard_label terms.
-    beta, chunk_size, mask: token_kl (generalized JSD; beta 0 = forward KL, 1 = reverse KL).
-    hidden, critic_lr: adversarial (discriminator width and learning rate).
-    """
-
-    kind: str
-    weight: float = 1.0
-    student: str | None = None
-    teacher: str | None = None
-    temperature: float = 4.0
-    dkd_alpha: float = 1.0
-    dkd_beta: float = 8.0
-    p: float = 2.0
-    similarity: str = "mse"
-    layer_map: tuple[tuple[int, int], ...] | None = None
-    name: str | None = None
-    output: str | None = None
-    teacher_output: str | None = None
-    source: str = "teacher"
-    task: str | None = None
-    beta: float = 0.0
-    chunk_size: int | None = None
-    mask: str = "labels"
-    hidden: int = 64
-    critic_lr: float = 1e-3
-
-
-SOURCES = ("teacher", "student")
-TOKEN_MASKS = ("labels", "attention", "none")
+if TYPE_CHECKING:  # the spec classes live beside TERMS, which imports the builders below
+    from stillroom.objective import (
+        AdversarialSpec,
+        DkdSpec,
+        SoftTargetSpec,
+        TermSpec,
+        TokenKlSpec,
+        TopKSoftTargetSpec,
+    )
 
 
 @dataclass
@@ -198,27 +168,69 @@ def _layer(name: str | None, fallback: str) -> str:
 
 
 def _output_term(
-    spec: TermSpec, compute: Callable[[torch.Tensor, Any, StepOutputs], torch.Tensor]
+    spec: TermSpec,
+    compute: Callable[[torch.Tensor, Any, StepOutputs], torch.Tensor],
+    check: Callable[[TermSpec, torch.Tensor, Any], None],
 ) -> list[Term]:
-    """A term over one pair of outputs: compute(student output, teacher output, step)."""
+    """A term over one pair of outputs: compute(student output, teacher output, step), the pair's
+    shapes checked once, on the first batch (the same models and data give the same shapes)."""
+    checked = False
 
     def value(step: StepOutputs) -> torch.Tensor:
-        return compute(student_side(step, spec), teacher_side(step, spec), step)
+        nonlocal checked
+        student, teacher = student_side(step, spec), teacher_side(step, spec)
+        if not checked:
+            check(spec, student, teacher)
+            checked = True
+        return compute(student, teacher, step)
 
     return [
         Term(spec.name or spec.kind, spec.weight, value, needs_teacher=spec.source == "teacher")
     ]
 
 
-def soft_target_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
+def _same_shape(spec: TermSpec, student: torch.Tensor, teacher: Any) -> None:
+    """Dense teacher outputs shaped like the student's (regression: the same number of values)."""
+    if isinstance(teacher, TopKTargets):
+        raise StillroomError(
+            f"the teacher gives top-k targets (a top-k store) but term '{spec.name or spec.kind}' "
+            f"is {spec.kind}; use distill.loss=topk_soft_target"
+        )
+    if student.shape != teacher.shape and not (
+        spec.kind == "regression" and student.numel() == teacher.numel()
+    ):
+        raise StillroomError(
+            f"student outputs {tuple(student.shape)} but teacher outputs {tuple(teacher.shape)}: "
+            "give the student the teacher's number of outputs (classes) and output shape"
+        )
+
+
+def _topk_positions(spec: TermSpec, student: torch.Tensor, teacher: Any) -> None:
+    """Top-k targets from a store, one per position of the student's (N, C, ...) logits."""
+    if not isinstance(teacher, TopKTargets):
+        raise StillroomError(
+            "distill.loss=topk_soft_target needs a top-k store as the teacher "
+            "(stillroom cache --top-k K)"
+        )
+    positions = [size for dim, size in enumerate(student.shape) if dim != 1]
+    if list(teacher.tail_mass.shape) != positions:
+        raise StillroomError(
+            f"student outputs {tuple(student.shape)} but the top-k targets cover positions "
+            f"{tuple(teacher.tail_mass.shape)}: the store was made for other data"
+        )
+
+
+def soft_target_term(spec: SoftTargetSpec, ctx: BuildContext) -> list[Term]:
     temperature = spec.temperature
-    return _output_term(spec, lambda s, t, step: soft_target_loss(s, t, temperature))
+    return _output_term(spec, lambda s, t, step: soft_target_loss(s, t, temperature), _same_shape)
 
 
-def topk_soft_target_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
+def topk_soft_target_term(spec: TopKSoftTargetSpec, ctx: BuildContext) -> list[Term]:
     temperature = spec.temperature
     return _output_term(
-        spec, lambda s, t, step: topk_soft_target_loss(s, t, temperature, class_dim=1)
+        spec,
+        lambda s, t, step: topk_soft_target_loss(s, t, temperature, class_dim=1),
+        _topk_positions,
     )
 
 
@@ -230,16 +242,17 @@ def regression_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
             student, teacher = match_targets(student, teacher), match_targets(teacher, student)
         return regression_distillation_loss(student, teacher)
 
-    return _output_term(spec, compute)
+    return _output_term(spec, compute, _same_shape)
 
 
-def dkd_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
+def dkd_term(spec: DkdSpec, ctx: BuildContext) -> list[Term]:
     alpha, beta, temperature = spec.dkd_alpha, spec.dkd_beta, spec.temperature
     return _output_term(
         spec,
         lambda s, t, step: decoupled_kd_loss(
             s, t, term_targets(step, spec), alpha, beta, temperature
         ),
+        _same_shape,
     )
 
 
@@ -254,7 +267,7 @@ def hard_label_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
     return [Term(spec.name or "hard_label", spec.weight, compute, False)]
 
 
-def token_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
+def token_term(spec: TokenKlSpec, ctx: BuildContext) -> list[Term]:
     beta, temperature, chunk_size, mask_from = (
         spec.beta,
         spec.temperature,
@@ -283,7 +296,7 @@ def token_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
     ]
 
 
-def adversarial_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
+def adversarial_term(spec: AdversarialSpec, ctx: BuildContext) -> list[Term]:
     """A discriminator over the models' outputs (as softened probabilities) or a tapped layer."""
     student_layer, teacher_layer, temperature = spec.student, spec.teacher, spec.temperature
     if (student_layer is None) != (teacher_layer is None):
@@ -412,11 +425,33 @@ def feature_term(spec: TermSpec, ctx: BuildContext) -> list[Term]:
     return terms
 
 
+def _feature_loss(spec: TermSpec) -> Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]:
+    """loss(student feature, teacher feature, step inputs) for a feature kind."""
+    if spec.kind == "hint":
+        return lambda s, t, inputs: hint_loss(s, t)
+    if spec.kind == "attention_transfer":
+        p = spec.p
+        return lambda s, t, inputs: attention_transfer_loss(s, t, p=p)
+    if spec.kind == "hidden_state":
+        similarity = spec.similarity
+
+        def hidden_state(s: torch.Tensor, t: torch.Tensor, inputs: Any) -> torch.Tensor:
+            # tokenised text: padding positions carry no meaning, leave them out
+            mask = None
+            if isinstance(inputs, dict) and "attention_mask" in inputs and s.dim() == 3:
+                mask = inputs["attention_mask"].bool()
+            return hidden_state_loss(s, t, kind=similarity, mask=mask)
+
+        return hidden_state
+    assert spec.kind == "attention_map", spec.kind
+    return lambda s, t, inputs: attention_map_kl(s, t)
+
+
 def _feature_compute(
     spec: TermSpec, student_layer: str, teacher_layer: str, teacher_shape: tuple[int, ...]
 ) -> Callable[[StepOutputs], torch.Tensor]:
-    kind, p, similarity, own = spec.kind, spec.p, spec.similarity, spec.source == "student"
-
+    loss, own = _feature_loss(spec), spec.source == "student"
+    spatial = spec.kind in ("hint", "attention_transfer")
     projected = f"projected:{_term_name(spec, student_layer, teacher_layer)}"
 
     def compute(step: StepOutputs) -> torch.Tensor:
@@ -425,20 +460,9 @@ def _feature_compute(
         t = (step.student_features if own else step.teacher_features)[teacher_layer]
         if own:  # the deeper layer teaches; it is not pulled toward the shallow one
             t = t.detach()
-        if kind in ("hint", "attention_transfer") and s.dim() == 4 and s.shape[-2:] != t.shape[-2:]:
+        if spatial and s.dim() == 4 and s.shape[-2:] != t.shape[-2:]:
             s = align_spatial(s, tuple(t.shape[-2:]))
-        if kind == "hint":
-            return hint_loss(s, t)
-        if kind == "attention_transfer":
-            return attention_transfer_loss(s, t, p=p)
-        if kind == "hidden_state":
-            # tokenised text: padding positions carry no meaning, leave them out
-            mask = None
-            if isinstance(step.inputs, dict) and "attention_mask" in step.inputs and s.dim() == 3:
-                mask = step.inputs["attention_mask"].bool()
-            return hidden_state_loss(s, t, kind=similarity, mask=mask)
-        assert kind == "attention_map"
-        return attention_map_kl(s, t)
+        return loss(s, t, step.inputs)
 
     return compute
 

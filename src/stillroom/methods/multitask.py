@@ -61,7 +61,13 @@ from stillroom.methods.multitask_distill import (
 )
 from stillroom.models import build_model, load_model, save_model
 from stillroom.models.multitask import MultiTaskNet, multitask_spec, spec_heads, total_outputs
-from stillroom.objective import OUTPUT_KINDS, TermSpec, check_layer_names, tapped_layers
+from stillroom.objective import (
+    OUTPUT_KINDS,
+    TermSpec,
+    check_layer_names,
+    tapped_layers,
+    with_temperature,
+)
 from stillroom.runs import gap_closed, prepare_run_dir
 from stillroom.train import TrainArgs, evaluate, predict
 from stillroom.train.evaluate import METRICS
@@ -218,16 +224,7 @@ class MultiTaskRecipe(Recipe):
 
     def extra_terms(self) -> tuple[TermSpec, ...]:
         d = self.distill
-        return tuple(
-            TermSpec(
-                **{
-                    **term.model_dump(exclude={"temperature", "layer_map"}),
-                    "temperature": term.temperature or d.temperature,
-                    "layer_map": tuple(map(tuple, term.layer_map)) if term.layer_map else None,
-                }
-            )
-            for term in d.terms
-        )
+        return tuple(with_temperature(term, d.temperature) for term in d.terms)
 
     def args(
         self, section: TrainSection, progress: bool, description: str, **extra: Any

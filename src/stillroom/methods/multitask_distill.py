@@ -91,15 +91,13 @@ def multitask_terms(tasks: list[TaskSpec], with_teacher: bool = True) -> list[Te
         if not with_teacher:
             terms.append(hard)
             continue
+        kd_fields = {  # the parameters each kind of TASK_LOSSES has
+            "soft_target": {"temperature": t.temperature},
+            "dkd": {"temperature": t.temperature, "dkd_alpha": t.dkd_alpha, "dkd_beta": t.dkd_beta},
+            "regression": {"task": t.kind},
+        }[t.kd_loss]
         kd = TermSpec(
-            t.kd_loss,
-            t.weight * t.alpha,
-            temperature=t.temperature,
-            dkd_alpha=t.dkd_alpha,
-            dkd_beta=t.dkd_beta,
-            output=t.name,
-            task=t.kind,
-            name=f"{t.name}/{t.kd_loss}",
+            t.kd_loss, t.weight * t.alpha, output=t.name, name=f"{t.name}/{t.kd_loss}", **kd_fields
         )
         terms += [kd, replace(hard, weight=t.weight * (1.0 - t.alpha))]
     return terms

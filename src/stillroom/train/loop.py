@@ -15,7 +15,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import closing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +29,11 @@ from torch.utils.data import DataLoader
 
 from stillroom.errors import NonFiniteLossError, StillroomError
 from stillroom.io import atomic_save_tensors, atomic_write_json
-from stillroom.losses import TopKTargets
 from stillroom.objective import (
     ObjectiveStudent,
     StepOutputs,
     Term,
+    TermSpec,
     build_objective,
     classic_terms,
     needs_example,
@@ -42,6 +42,7 @@ from stillroom.taps import Taps
 from stillroom.teachers import FrozenTeacher, Teacher, as_teacher
 from stillroom.train.args import TrainArgs
 from stillroom.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from stillroom.train.critics import Critics
 from stillroom.train.evaluate import METRICS, evaluate, is_better
 from stillroom.train.logging import MetricsLog
 
@@ -64,6 +65,40 @@ class DistillResult:
     best_value: float | None
     stopped_early: bool
     run_dir: Path | None
+
+
+@dataclass
+class RunState:
+    """Where a run stands: saved in every checkpoint's state.json, restored on resume."""
+
+    epoch: int = 0  # finished epochs
+    step: int = 0  # optimizer steps
+    batches: int = 0  # training batches, micro-batches under gradient accumulation
+    best_value: float | None = None
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+    # the best student's weights when there is no run folder to write best.safetensors to
+    best_weights: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, Any]) -> RunState:
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+    def finish_epoch(
+        self, epoch: int, value: float | None, improved: bool, patience: int | None
+    ) -> None:
+        """Count epoch `epoch` (0-based) done: a new best, or one more epoch without one."""
+        if improved:
+            self.best_value, self.best_epoch, self.bad_epochs = value, epoch + 1, 0
+        else:
+            self.bad_epochs += 1
+        self.stopped_early = patience is not None and self.bad_epochs >= patience
+        self.epoch = epoch + 1
+
+    def to_saved(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "best_weights"}
 
 
 def distill(
@@ -101,25 +136,12 @@ def distill(
     args = replace(args or TrainArgs(), **overrides) if overrides else (args or TrainArgs())
     if len(train_loader) == 0:
         raise StillroomError("the training loader yields no batches; the training set is empty")
-    specs = (
-        classic_terms(args.alpha, args.temperature, args.loss, args.dkd_alpha, args.dkd_beta)
-        if args.classic
-        else []
-    )
-    specs += list(args.terms)
-    if not specs:
-        raise StillroomError("the objective has no terms: give alpha, or terms, or both")
-    if teacher is None and any(
-        s.weight > 0 and s.kind != "hard_label" and s.source == "teacher" for s in specs
-    ):
-        raise StillroomError(
-            f"alpha={args.alpha} (or an extra term) weights a distillation term but no teacher "
-            "was given; pass a teacher, or set alpha=0 and no terms to train on labels alone"
-        )
+    specs = _objective_specs(args, has_teacher=teacher is not None)
     run_dir = Path(run_dir) if run_dir is not None else None
     ckpt_root = run_dir / "checkpoints" if run_dir else None
     _check_run_dir(run_dir, resume)
 
+    # 1. setup: devices, the teacher, the objective's terms, optimizers
     accelerator = Accelerator(
         cpu=args.cpu,
         mixed_precision=args.mixed_precision,
@@ -132,20 +154,15 @@ def distill(
     # the seed is fixed after the draw and before projectors are initialised
     example = _unpack(next(iter(train_loader)))[0] if needs_example(specs) else None
     set_seed(args.seed)
-    terms = build_objective(specs, args.task, student, teacher_module, example, args.outputs)
-    teacher_layers = list(
-        dict.fromkeys(layer for t in terms if t.weight > 0 for layer in t.teacher_layers)
+    terms = build_objective(
+        specs, args.task, student, teacher_module, example, args.outputs, args.temperature
     )
-    model = ObjectiveStudent(student, [t for t in terms if t.weight > 0])
-    # second players (adversarial discriminators) train in alternation, with their own optimizer
-    critic_terms = [t for t in terms if t.critic is not None and t.weight > 0]
-    critics = nn.ModuleList([t.critic for t in critic_terms])
-    critic_optimizer = _build_critic_optimizer(critic_terms)
-
+    weighted = [t for t in terms if t.weight > 0]  # weight-0 terms are only logged
+    teacher_layers = list(dict.fromkeys(layer for t in weighted for layer in t.teacher_layers))
+    model = ObjectiveStudent(student, weighted)
+    critics = Critics(terms)  # second players (adversarial discriminators), their own optimizer
     optimizer = _build_optimizer(model, args)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    # critics are moved, not prepared: an AcceleratedOptimizer would hold their updates until the
-    # student's gradient-accumulation sync, and the terms call the bare critic, never a DDP wrapper
     critics.to(accelerator.device)
     # sized from the prepared loader: under multi-process training each process sees its shard
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
@@ -153,63 +170,51 @@ def distill(
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
     inner = accelerator.unwrap_model(model)
-
     select, select_task = args.selected
     metric = METRICS[select_task][0] if select is None else f"{select}/{METRICS[select_task][0]}"
-    eval_task = args.outputs or args.task
-    state: dict[str, Any] = {
-        "step": 0,
-        "best_value": None,
-        "best_epoch": 0,
-        "bad_epochs": 0,
-        "history": [],
-    }
-    start_epoch = 0
+
+    run = RunState()
     checkpoint = latest_checkpoint(ckpt_root) if (resume and ckpt_root) else None
     if checkpoint is not None:
-        state = load_checkpoint(
+        saved = load_checkpoint(
             checkpoint,
             inner.student,
             optimizer,
             scheduler,
             inner.projectors,
-            critics=critics if critic_terms else None,
-            critic_optimizer=critic_optimizer,
+            critics=critics.modules if critics else None,
+            critic_optimizer=critics.optimizer,
         )
-        if accelerator.scaler is not None and "grad_scaler" in state:  # fp16 loss scale
-            accelerator.scaler.load_state_dict(state["grad_scaler"])
-        start_epoch = state["epoch"]
-    log = MetricsLog(run_dir if accelerator.is_main_process else None, state["history"])
+        if accelerator.scaler is not None and "grad_scaler" in saved:  # fp16 loss scale
+            accelerator.scaler.load_state_dict(saved["grad_scaler"])
+        run = RunState.from_saved(saved)
+    log = MetricsLog(run_dir if accelerator.is_main_process else None, run.history)
     if run_dir and accelerator.is_main_process:
         atomic_write_json(run_dir / "train_args.json", args.to_dict())
 
-    stopped_early = state.get("stopped_early", False)
     progress = _progress(args, accelerator)
     task_id = progress.add_task(args.description, total=args.epochs * len(train_loader), status="")
-    progress.update(task_id, completed=start_epoch * len(train_loader))
+    progress.update(task_id, completed=run.epoch * len(train_loader))
+    # 2. the loop: batch -> student -> teacher -> sum of weighted terms -> step
     # closing(log): a NaN stop or Ctrl-C must not leave the TensorBoard event file open
     with progress, closing(log):
-        for epoch in range(start_epoch, args.epochs):
-            if stopped_early:
+        for epoch in range(run.epoch, args.epochs):
+            if run.stopped_early:
                 break
             # re-seed from (seed, epoch): dropout masks and data order replay exactly after a resume
             set_seed(args.seed * 100_003 + epoch)
             train_loader.set_epoch(epoch)
             model.train()
             started = time.perf_counter()
-            sums = dict.fromkeys(
-                ["loss", *(t.name for t in terms), *_critic_names(critic_terms)], 0.0
-            )
+            sums = dict.fromkeys(["loss", *(t.name for t in terms), *critics.names], 0.0)
             seen = 0
             for batch in train_loader:
                 inputs, targets, index = _unpack(batch)
-                if batch_transform is not None:
-                    # counted per batch, not per optimizer step: under gradient accumulation
-                    # every micro-batch draws its own randomness
+                if batch_transform is not None:  # e.g. on-policy: the student writes the batch
                     inputs, targets, index = batch_transform(
-                        inputs, targets, index, inner.student, state.setdefault("batches", 0)
+                        inputs, targets, index, inner.student, run.batches
                     )
-                state["batches"] = state.get("batches", 0) + 1
+                run.batches += 1  # per micro-batch: each draws its own randomness
                 with accelerator.accumulate(model):
                     outputs, student_features = model(inputs)
                     step = StepOutputs(outputs, None, targets, student_features, inputs=inputs)
@@ -217,22 +222,19 @@ def distill(
                         step.teacher, step.teacher_features = _teacher_step(
                             frozen, teacher_layers, inputs, index
                         )
-                        if args.classic and args.alpha > 0:
-                            _check_shapes(step.student, step.teacher, args.loss)
-                    # the objective, as arithmetic: sum of weight * term; weight-0 terms only logged
                     values = _term_values(terms, step, has_teacher=frozen is not None)
-                    loss = sum(t.weight * values[t.name] for t in terms if t.weight > 0)
-                    _check_finite(loss, values, state["step"], epoch, ckpt_root)
+                    loss = sum(t.weight * values[t.name] for t in weighted)
+                    _check_finite(loss, values, run.step, epoch, ckpt_root)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and args.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()
                     if accelerator.sync_gradients:
                         scheduler.step()
-                        state["step"] += 1
+                        run.step += 1
                     optimizer.zero_grad()
                 # the critics' turn, on this batch with the student's side held fixed
-                values.update(_critic_step(critic_terms, step, critic_optimizer, accelerator))
+                values.update(critics.step(step, accelerator))
                 n = _batch_size(inputs, targets)
                 seen += n
                 sums["loss"] += loss.item() * n
@@ -242,46 +244,34 @@ def distill(
                     task_id, advance=1, status=f"epoch {epoch + 1} loss {sums['loss'] / seen:.4f}"
                 )
 
+            # 3. the epoch's end: validate, keep the best, stop early, checkpoint
             record: dict[str, Any] = {
                 "epoch": epoch + 1,
-                "step": state["step"],
+                "step": run.step,
                 "lr": scheduler.get_last_lr()[0],
                 "epoch_seconds": round(time.perf_counter() - started, 4),
                 **{f"train/{key}": value / max(seen, 1) for key, value in sums.items()},
             }
             if val_loader is not None:
-                record.update(
-                    {
-                        f"val/{k}": v
-                        for k, v in evaluate(
-                            inner.student, val_loader, eval_task, accelerator
-                        ).items()
-                    }
-                )
+                scores = evaluate(inner.student, val_loader, args.outputs or args.task, accelerator)
+                record.update({f"val/{k}": v for k, v in scores.items()})
             value = record.get(f"val/{metric}")
-            improved = val_loader is None or is_better(select_task, value, state["best_value"])
-            if improved:
-                state.update(best_value=value, best_epoch=epoch + 1, bad_epochs=0)
-                if run_dir and accelerator.is_main_process:
-                    atomic_save_tensors(inner.student.state_dict(), run_dir / BEST)
-                else:
-                    state["best_weights"] = _snapshot(inner.student)
-            else:
-                state["bad_epochs"] += 1
-            stopped_early = args.patience is not None and state["bad_epochs"] >= args.patience
+            improved = val_loader is None or is_better(select_task, value, run.best_value)
+            run.finish_epoch(epoch, value, improved, args.patience)
+            if improved and run_dir and accelerator.is_main_process:
+                atomic_save_tensors(inner.student.state_dict(), run_dir / BEST)
+            elif improved:  # no folder to write to (or not the main process): keep it in memory
+                run.best_weights = _snapshot(inner.student)
             log.log(record)
-            state["history"] = log.records
-            state["stopped_early"] = stopped_early
+            run.history = log.records
             if val_loader is not None:
-                status = (
-                    f"epoch {epoch + 1} val {metric} {value:.4f} (best {state['best_value']:.4f})"
-                )
+                status = f"epoch {epoch + 1} val {metric} {value:.4f} (best {run.best_value:.4f})"
                 progress.update(task_id, status=status)
             if ckpt_root and accelerator.is_main_process:
-                saved = {k: v for k, v in state.items() if k != "best_weights"}
+                saved = run.to_saved()
                 if accelerator.scaler is not None:
                     saved["grad_scaler"] = accelerator.scaler.state_dict()
-                # student and projectors: a resumed run continues both
+                # student and projectors (and critics): a resumed run continues them all
                 save_checkpoint(
                     ckpt_root,
                     epoch + 1,
@@ -290,28 +280,51 @@ def distill(
                     scheduler,
                     saved,
                     inner.projectors,
-                    critics=critics if critic_terms else None,
-                    critic_optimizer=critic_optimizer,
+                    critics=critics.modules if critics else None,
+                    critic_optimizer=critics.optimizer,
                 )
 
     trained = inner.student
     accelerator.wait_for_everyone()  # the main process wrote best.safetensors
     if run_dir and (run_dir / BEST).is_file():
         trained.load_state_dict(load_file(str(run_dir / BEST)))
-    elif "best_weights" in state:
-        trained.load_state_dict(state["best_weights"])
+    elif run.best_weights is not None:
+        trained.load_state_dict(run.best_weights)
     return DistillResult(
         student=trained,
         history=log.records,
         metric=metric,
-        best_epoch=state["best_epoch"],
-        best_value=state["best_value"],
-        stopped_early=stopped_early,
+        best_epoch=run.best_epoch,
+        best_value=run.best_value,
+        stopped_early=run.stopped_early,
         run_dir=run_dir,
     )
 
 
-def _term_values(terms: list, step: StepOutputs, has_teacher: bool) -> dict[str, torch.Tensor]:
+def _objective_specs(args: TrainArgs, has_teacher: bool) -> list[TermSpec]:
+    """The classic pair (when alpha is given) and the extra terms; refuse an empty objective, and
+    distillation terms without a teacher."""
+    specs = (
+        classic_terms(args.alpha, args.temperature, args.loss, args.dkd_alpha, args.dkd_beta)
+        if args.classic
+        else []
+    )
+    specs += list(args.terms)
+    if not specs:
+        raise StillroomError("the objective has no terms: give alpha, or terms, or both")
+    if not has_teacher and any(
+        s.weight > 0 and s.kind != "hard_label" and s.source == "teacher" for s in specs
+    ):
+        raise StillroomError(
+            f"alpha={args.alpha} (or an extra term) weights a distillation term but no teacher "
+            "was given; pass a teacher, or set alpha=0 and no terms to train on labels alone"
+        )
+    return specs
+
+
+def _term_values(
+    terms: list[Term], step: StepOutputs, has_teacher: bool
+) -> dict[str, torch.Tensor]:
     """Each term's value; weight-0 terms too (logged), except those needing an absent teacher."""
     values = {}
     for term in terms:
@@ -323,53 +336,6 @@ def _term_values(terms: list, step: StepOutputs, has_teacher: bool) -> dict[str,
                 first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise StillroomError(f"term '{term.name}': {first}") from None
     return values
-
-
-def _critic_names(critic_terms: list[Term]) -> list[str]:
-    return [f"{t.name}/{what}" for t in critic_terms for what in ("critic_loss", "critic_accuracy")]
-
-
-def _critic_step(
-    critic_terms: list[Term],
-    step: StepOutputs,
-    optimizer: torch.optim.Optimizer | None,
-    accelerator: Accelerator,
-) -> dict[str, torch.Tensor]:
-    """One update of every critic on this batch, the student's outputs detached: the student has
-    just moved, now the discriminator answers. Returns their losses and accuracies for the log."""
-    if not critic_terms:
-        return {}
-    assert optimizer is not None
-    detached = replace(
-        step,
-        student=_detach(step.student),
-        student_features={k: v.detach() for k, v in step.student_features.items()},
-    )
-    # the student's adversarial term also left gradients on the critics: start from zero
-    optimizer.zero_grad()
-    logged: dict[str, torch.Tensor] = {}
-    total = 0.0
-    for term in critic_terms:
-        assert term.critic_compute is not None
-        loss, accuracy = term.critic_compute(detached)
-        total = total + loss
-        logged[f"{term.name}/critic_loss"] = loss.detach()
-        logged[f"{term.name}/critic_accuracy"] = accuracy.detach()
-    total.backward()
-    if accelerator.num_processes > 1:  # the critics are not DDP-wrapped: average their gradients
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
-    optimizer.step()
-    optimizer.zero_grad()
-    return logged
-
-
-def _detach(outputs: Any) -> Any:
-    if isinstance(outputs, dict):
-        return {key: value.detach() for key, value in outputs.items()}
-    return outputs.detach()
 
 
 def _batch_size(inputs: Any, targets: Any) -> int:
@@ -428,36 +394,6 @@ def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None
     )
 
 
-def _check_shapes(student_outputs: Any, teacher_outputs: Any, loss: str) -> None:
-    if isinstance(student_outputs, dict) or isinstance(teacher_outputs, dict):
-        return  # named outputs: each term checks the pair it reads
-    if isinstance(teacher_outputs, TopKTargets):
-        if loss != "topk_soft_target":
-            raise StillroomError(
-                f"the teacher gives top-k targets (a top-k store) but distill.loss is '{loss}'; "
-                "use distill.loss=topk_soft_target"
-            )
-        positions = [size for dim, size in enumerate(student_outputs.shape) if dim != 1]
-        if list(teacher_outputs.tail_mass.shape) != positions:
-            raise StillroomError(
-                f"student outputs {tuple(student_outputs.shape)} but the top-k targets cover "
-                f"positions {tuple(teacher_outputs.tail_mass.shape)}: the store was made for other data"
-            )
-        return
-    if loss == "topk_soft_target":
-        raise StillroomError(
-            "distill.loss=topk_soft_target needs a top-k store as the teacher (stillroom cache --top-k K)"
-        )
-    if student_outputs.shape != teacher_outputs.shape and not (
-        loss == "regression" and student_outputs.numel() == teacher_outputs.numel()
-    ):
-        raise StillroomError(
-            f"student outputs {tuple(student_outputs.shape)} but teacher outputs "
-            f"{tuple(teacher_outputs.shape)}: give the student the teacher's number of outputs "
-            "(classes) and output shape"
-        )
-
-
 def _check_finite(
     loss: torch.Tensor,
     values: dict[str, torch.Tensor],
@@ -488,14 +424,6 @@ def _build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer
             params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True
         )
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-
-
-def _build_critic_optimizer(critic_terms: list[Term]) -> torch.optim.Optimizer | None:
-    """Adam with beta1 = 0.5, the usual choice for GAN discriminators (Radford et al. 2016)."""
-    if not critic_terms:
-        return None
-    groups = [{"params": list(t.critic.parameters()), "lr": t.critic_lr} for t in critic_terms]
-    return torch.optim.Adam(groups, betas=(0.5, 0.999))
 
 
 def _build_scheduler(
