@@ -1,5 +1,5 @@
 """Token-level losses for language models: forward/reverse KL and the generalized JSD against
-references written from their formulas, their limits, masking, chunking, top-k and fused heads."""
+references written from their formulas, their limits, masking, chunking, and top-k."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from torch.distributions import Categorical, kl_divergence
 
 from stillroom.losses import soft_target_loss
 from stillroom.losses.sequence import (
-    fused_token_distillation_loss,
     token_distillation_loss,
     token_divergence,
     topk_token_divergence,
@@ -258,32 +257,6 @@ def test_topk_tail_of_zero_keeps_reverse_kl_finite() -> None:
     assert torch.isfinite(loss)
 
 
-# ---------------------------------------------------------------- fused LM head
-
-
-@pytest.mark.parametrize("beta", BETAS)
-def test_fused_head_equals_the_loss_on_full_logits(beta: float) -> None:
-    gen = torch.Generator().manual_seed(16)
-    hidden_s, hidden_t = torch.randn(N, L, 5, generator=gen), torch.randn(N, L, 8, generator=gen)
-    weight_s, weight_t = torch.randn(V, 5, generator=gen), torch.randn(V, 8, generator=gen)
-    mask = pair(16)[2]
-
-    def run(fused: bool) -> list[torch.Tensor]:
-        hs, ws = hidden_s.clone().requires_grad_(True), weight_s.clone().requires_grad_(True)
-        kw = {"beta": beta, "temperature": 2.0}
-        if fused:
-            loss = fused_token_distillation_loss(
-                hs, ws, hidden_t, weight_t, mask, chunk_size=3, **kw
-            )
-        else:
-            loss = token_distillation_loss(hs @ ws.T, hidden_t @ weight_t.T, mask, **kw)
-        loss.backward()
-        return [loss, hs.grad, ws.grad]
-
-    for got, want in zip(run(True), run(False), strict=True):
-        torch.testing.assert_close(got, want)
-
-
 # ---------------------------------------------------------------- user mistakes
 
 
@@ -311,11 +284,3 @@ def test_bad_inputs_raise_helpful_errors() -> None:
         token_distillation_loss(student[:, :5], targets)
     with pytest.raises(ValueError, match="only 2 vocabulary entries"):
         token_distillation_loss(student[..., :2], targets)
-    with pytest.raises(ValueError, match="do not fit its LM head weight"):
-        fused_token_distillation_loss(
-            torch.randn(N, L, 5), torch.randn(V, 4), torch.randn(N, L, 8), torch.randn(V, 8)
-        )
-    with pytest.raises(ValueError, match="vocab sizes differ"):
-        fused_token_distillation_loss(
-            torch.randn(N, L, 5), torch.randn(V, 5), torch.randn(N, L, 8), torch.randn(V + 1, 8)
-        )

@@ -26,7 +26,6 @@ from stillroom.losses.logits import (
 )
 from stillroom.losses.relations import rkd_angle_loss, rkd_distance_loss
 from stillroom.losses.sequence import (
-    fused_token_distillation_loss,
     token_distillation_loss,
     token_divergence,
     topk_token_divergence,
@@ -85,7 +84,6 @@ __all__ = [
     "blend",
     "decoupled_kd_loss",
     "distillation_loss",
-    "fused_token_distillation_loss",
     "hard_label_loss",
     "hard_target_loss",
     "hidden_state_loss",

@@ -18,16 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stillroom.losses.kl import kl_divergence
 from stillroom.losses.logits import IGNORE_INDEX
-
-
-def _kl_rows(log_p_teacher: torch.Tensor, log_p_student: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) per row of (M, K) log-probabilities -> (M,)."""
-    # a class outside the teacher's support (log p = -inf, here the masked target class) adds 0 by
-    # the convention 0 * log 0 = 0; computed directly, -inf - -inf would make the loss nan
-    teacher_support = log_p_teacher > float("-inf")
-    log_ratio = torch.where(teacher_support, log_p_teacher - log_p_student, 0.0)
-    return (log_p_teacher.exp() * log_ratio).sum(dim=1)
 
 
 def _binary_log_probs(log_p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -110,7 +102,7 @@ def decoupled_kd_loss(
 
     log_p_student = F.log_softmax(student_scaled, dim=1)
     log_p_teacher = F.log_softmax(teacher_scaled, dim=1)
-    tckd = _kl_rows(
+    tckd = kl_divergence(
         _binary_log_probs(log_p_teacher, target), _binary_log_probs(log_p_student, target)
     )
 
@@ -118,6 +110,6 @@ def decoupled_kd_loss(
     # (exactly 0 probability; the authors' code subtracts 1000 instead)
     log_p_hat_student = F.log_softmax(student_scaled.masked_fill(target, float("-inf")), dim=1)
     log_p_hat_teacher = F.log_softmax(teacher_scaled.masked_fill(target, float("-inf")), dim=1)
-    nckd = _kl_rows(log_p_hat_teacher, log_p_hat_student)
+    nckd = kl_divergence(log_p_hat_teacher, log_p_hat_student)
 
     return (alpha * tckd + beta * nckd).mean() * temperature**2

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stillroom.losses.kl import kl_divergence
 from stillroom.losses.logits import _masked_mean
 
 
@@ -340,10 +341,8 @@ def attention_map_kl(
     # an infinite loss; the smallest normal float bounds the term instead (and keeps log's
     # gradient finite at the teacher's zeros, which the where below drops)
     tiny = torch.finfo(torch.float32).tiny
-    log_ratio = torch.where(
-        p_teacher > 0, p_teacher.clamp_min(tiny).log() - p_student.clamp_min(tiny).log(), 0.0
-    )
-    kl_per_row = (p_teacher * log_ratio).sum(dim=-1)  # (N, heads, L)
+    log_p, log_q = p_teacher.clamp_min(tiny).log(), p_student.clamp_min(tiny).log()
+    kl_per_row = kl_divergence(log_p, log_q, p=p_teacher)  # (N, heads, L); p = 0 rows add 0
     row_mask = None if mask is None else mask.bool()[:, None, :].expand(n, heads, length)
     return _masked_mean(kl_per_row, row_mask)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from stillroom.losses.kl import kl_divergence
+
 IGNORE_INDEX = -100
 """Label value for samples without a label (the few-label setting); they get no hard-label loss."""
 
@@ -64,11 +66,8 @@ def soft_target_loss(
     # fp32 for the softmaxes: half precision loses the small probabilities the soft targets carry
     log_p_student = F.log_softmax(student_logits.float() / temperature, dim=class_dim)
     log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=class_dim)
-    # a class the teacher rules out (a -inf logit, e.g. a masked vocabulary entry) adds 0 by the
-    # convention 0 * log 0 = 0; computed directly, -inf - -inf would make the whole loss nan
-    teacher_support = log_p_teacher > float("-inf")
-    log_ratio = torch.where(teacher_support, log_p_teacher - log_p_student, 0.0)
-    kl_per_position = (log_p_teacher.exp() * log_ratio).sum(dim=class_dim)
+    # a class the teacher rules out (a -inf logit, e.g. a masked vocabulary entry) adds 0
+    kl_per_position = kl_divergence(log_p_teacher, log_p_student, dim=class_dim)
     return _masked_mean(kl_per_position, mask) * temperature**2
 
 

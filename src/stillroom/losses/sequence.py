@@ -22,8 +22,7 @@ Memory. A (N, L, V) fp32 tensor is large for a real vocabulary (8 x 2048 x 49,15
 and the loss makes several: the upcasts, the log-softmaxes, the mixture. With `chunk_size`, the
 positions are processed `chunk_size` at a time (all N at once) under activation checkpointing, so
 only one chunk's fp32 tensors exist at a time and backward recomputes each chunk instead of keeping
-them. `fused_token_distillation_loss` goes further and never forms the full logits, computing each
-chunk's logits from the hidden states and the LM head weights (as Liger Kernel's fused linear JSD).
+them.
 """
 
 from __future__ import annotations
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from stillroom.losses.kl import kl_divergence
 from stillroom.losses.logits import _masked_mean
 from stillroom.losses.topk import TopKTargets
 
@@ -47,27 +47,19 @@ def _shape(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(int(s) for s in t.shape)
 
 
-def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """KL(A || B) summed over the last dim, from log-probabilities (..., C) -> (...)."""
-    # 0 * log 0 = 0 where A has no mass; computed directly, -inf - -inf would make the sum nan
-    support = log_a > float("-inf")
-    log_ratio = torch.where(support, log_a - log_b, 0.0)
-    return (log_a.exp() * log_ratio).sum(dim=-1)
-
-
 def _divergence(log_p: torch.Tensor, log_q: torch.Tensor, beta: float) -> torch.Tensor:
     """Generalized JSD between teacher P and student Q (module docstring), (..., C) -> (...)."""
     if beta == 0.0:
-        return _kl(log_p, log_q)
+        return kl_divergence(log_p, log_q)
     if beta == 1.0:
-        return _kl(log_q, log_p)
+        return kl_divergence(log_q, log_p)
     # M in log space; the floor keeps a token both models rule out (-inf on both sides) from
     # giving logaddexp a nan gradient
     log_m = torch.logaddexp(
         log_p.clamp_min(_LOG_FLOOR) + math.log(beta),
         log_q.clamp_min(_LOG_FLOOR) + math.log1p(-beta),
     )
-    return beta * _kl(log_p, log_m) + (1.0 - beta) * _kl(log_q, log_m)
+    return beta * kl_divergence(log_p, log_m) + (1.0 - beta) * kl_divergence(log_q, log_m)
 
 
 def _dense_divergence(
@@ -230,14 +222,12 @@ def _masked_sum(
 def _chunked_mean(
     per_token: Callable[..., torch.Tensor],
     sliced: Sequence[torch.Tensor],
-    shared: Sequence[torch.Tensor],
     mask: torch.Tensor | None,
     chunk_size: int,
 ) -> torch.Tensor:
-    """Mean of per_token(*chunks, *shared) over the valid tokens, `chunk_size` positions at a time.
+    """Mean of per_token(*chunks) over the valid tokens, `chunk_size` positions at a time.
 
-    `sliced` are (N, L, ...) tensors cut along L; `shared` (LM head weights) go whole to every chunk.
-    Each chunk runs under activation checkpointing, so its fp32 intermediates are dropped after its
+    `sliced` are (N, L, ...) tensors cut along L. Each chunk runs under activation checkpointing, so its fp32 intermediates are dropped after its
     forward and recomputed in backward: at most one chunk's worth exists at a time.
     """
     n, length = sliced[0].shape[:2]
@@ -253,7 +243,6 @@ def _chunked_mean(
             per_token,
             valid[:, window],
             *chunks,
-            *shared,
             use_reentrant=False,
             preserve_rng_state=False,
         )
@@ -302,69 +291,4 @@ def token_distillation_loss(
     _check_mask(mask, _shape(student_logits)[:2])
     if chunk_size is None:
         return _masked_mean(per_token(*sliced), mask) * temperature**2
-    return _chunked_mean(per_token, sliced, (), mask, chunk_size) * temperature**2
-
-
-def _fused_divergence(
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    student_head_weight: torch.Tensor,
-    teacher_head_weight: torch.Tensor,
-    beta: float,
-    temperature: float,
-) -> torch.Tensor:
-    student_logits = F.linear(student_hidden, student_head_weight)
-    teacher_logits = F.linear(teacher_hidden, teacher_head_weight)
-    return _dense_divergence(student_logits, teacher_logits, beta, temperature)
-
-
-def fused_token_distillation_loss(
-    student_hidden: torch.Tensor,
-    student_head_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_head_weight: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    *,
-    beta: float = 0.0,
-    temperature: float = 1.0,
-    chunk_size: int = 256,
-) -> torch.Tensor:
-    """`token_distillation_loss` from final hidden states and LM heads, never forming (N, L, V).
-
-    Each chunk of `chunk_size` positions computes its logits (hidden @ weight.T, in the inputs'
-    dtype, as the model's own head would), its divergence in fp32, and is checkpointed, so neither
-    model's full logits exist in forward or backward (Liger Kernel's fused linear JSD does the same
-    over flattened tokens). Heads without bias only, which is what language models use.
-
-    Args:
-        student_hidden: (N, L, Hs), the student's last hidden states (after its final norm).
-        student_head_weight: (V, Hs), e.g. `lm_head.weight`.
-        teacher_hidden: (N, L, Ht); teacher_head_weight: (V, Ht).
-        mask, beta, temperature: as `token_distillation_loss`.
-        chunk_size: positions per chunk (all N at once); the fp32 work per chunk is a few
-            N * chunk_size * V tensors.
-
-    Returns:
-        scalar fp32, equal to `token_distillation_loss` on the full logits.
-    """
-    _check_settings(beta, temperature, chunk_size)
-    for who, hidden, weight in (
-        ("student", student_hidden, student_head_weight),
-        ("teacher", teacher_hidden, teacher_head_weight),
-    ):
-        if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[-1]:
-            raise ValueError(
-                f"{who} hidden states {_shape(hidden)} do not fit its LM head weight "
-                f"{_shape(weight)}: expected (N, L, H) states and the (V, H) head weight "
-                "(lm_head.weight, as nn.Linear stores it)"
-            )
-    _check_vocab(
-        (*_shape(student_hidden)[:2], student_head_weight.shape[0]),
-        (*_shape(teacher_hidden)[:2], teacher_head_weight.shape[0]),
-        "logits (from hidden states and head)",
-    )
-    _check_mask(mask, _shape(student_hidden)[:2])
-    per_token = partial(_fused_divergence, beta=beta, temperature=temperature)
-    sliced = [student_hidden, teacher_hidden]
-    shared = [student_head_weight, teacher_head_weight]
-    return _chunked_mean(per_token, sliced, shared, mask, chunk_size) * temperature**2
+    return _chunked_mean(per_token, sliced, mask, chunk_size) * temperature**2

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from stillroom.losses.kl import kl_divergence
 from stillroom.losses.logits import _masked_mean
 
 
@@ -136,7 +137,5 @@ def topk_soft_target_loss(
         # k = V: no class is left over, the rest bucket is empty on both sides
         student_buckets, teacher_buckets = student_top, teacher_top
     log_p_teacher = F.log_softmax(teacher_buckets, dim=class_dim)
-    support = log_p_teacher > float("-inf")
-    log_ratio = torch.where(support, log_p_teacher - student_buckets, 0.0)
-    kl_per_position = (log_p_teacher.exp() * log_ratio).sum(dim=class_dim)
+    kl_per_position = kl_divergence(log_p_teacher, student_buckets, dim=class_dim)
     return _masked_mean(kl_per_position, mask) * temperature**2
