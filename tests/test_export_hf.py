@@ -182,7 +182,7 @@ def test_encoder_students_export(kind: str, tmp_path: Path) -> None:
         tokenizer.save_pretrained(folder)
     result = export_transformers_folder(folder, tmp_path / "out")
     manifest = result.manifest
-    assert manifest["passed"] and "vocab.txt" in manifest["files"]
+    assert manifest["passed"] and "tokenizer.json" in manifest["files"]
     output = manifest["outputs"][0]
     expected = {"sequence_classification": ("logits", 3), "sentence_embedding": ("embeddings", 16)}
     assert (output["name"], output["shape"]) == (expected[kind][0], ["batch", expected[kind][1]])
