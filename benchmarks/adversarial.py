@@ -22,7 +22,7 @@ import torch
 
 from common import machine, mean_std
 from stillroom.config import load_recipe
-from stillroom.pipeline import run_recipe
+from stillroom.methods.classic import run_recipe
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "digits_adversarial.yaml"
 NO_TERMS = "distill.terms=[]"

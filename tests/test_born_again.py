@@ -17,6 +17,7 @@ from stillroom.errors import StillroomError
 from stillroom.methods import METHODS, load_method_recipe
 from stillroom.methods.born_again import ChainRecipe, describe, run_chain
 from stillroom.methods.chain import GenerationFailed, agreement, distill_chain, is_complete
+from stillroom.results import read_summary, terminal_table
 from stillroom.train import loop as loop_module
 
 RECIPES = Path(__file__).parent.parent / "recipes"
@@ -144,9 +145,11 @@ def test_cli_chain_fails_mid_way_then_resumes(tmp_path: Path) -> None:
     assert rows["gen-1"]["agreement_teacher"] == rows["gen-1"]["agreement_gen0"]
     done = json.loads((run_dir / "gen-2" / "done.json").read_text())
     assert done["test"]["accuracy"] == pytest.approx(rows["gen-2"]["accuracy"])
-    assert "| gen-2 | mlp 8 | gen-1 |" in (run_dir / "results.md").read_text()
+    assert "| gen-2 | generation | mlp 8 | gen-1 |" in (run_dir / "results.md").read_text()
+    summary = read_summary(run_dir)
+    assert summary.primary == "gen-2" and summary.model("gen-0").role == "teacher"
     console = Console(width=80, record=True)
-    console.print(METHODS["born_again"].show(result, "chain"))
+    console.print(terminal_table(summary))
     assert "scratch-gen-2" in console.export_text()
 
 

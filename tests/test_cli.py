@@ -69,6 +69,10 @@ def test_distill_writes_a_complete_run_folder(few_label_run) -> None:
     assert [r["epoch"] for r in lines] == [1, 2, 3]
     assert {"train/loss", "train/distillation", "train/hard_label", "val/accuracy"} <= set(lines[0])
     assert "student_kd" in result.stdout and "gap closed" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "classic" and summary["primary"] == "student_kd"
+    assert [m["role"] for m in summary["models"]] == ["teacher", "baseline", "distilled"]
+    assert "T 4.0" in summary["settings"]["distillation"]
     assert str(out / "results.md") in " ".join(result.stdout.split())
     # the run ends with the compression report's path
     assert result.stdout.strip().splitlines()[-1] == f"report: {out / 'report' / 'report.html'}"
@@ -158,8 +162,22 @@ def test_demo_runs_both_settings(tmp_path: Path) -> None:
         out / "few_labels/teacher/model.safetensors"
     ).read_bytes()
     assert (out / "demo.md").is_file()
+    assert f"reports: {out / 'index.html'}" in result.stdout
+    index = (out / "index.html").read_text()
     for setting in ("all_labels", "few_labels"):
-        assert f"report ({setting}): {out / setting / 'report' / 'report.html'}" in result.stdout
+        assert f"  {setting}: {out / setting / 'report' / 'report.html'}" in result.stdout
+        assert f'href="{setting}/report/report.html"' in index
+    assert "(b) few labels" in index and "gap closed" in index
+
+
+def test_version_and_flags_without_a_type() -> None:
+    from importlib.metadata import version
+
+    from helpers import stillroom_in_process
+
+    assert stillroom_in_process("--version").stdout == f"stillroom {version('stillroom')}\n"
+    help_text = stillroom_in_process("distill", "--help").stdout
+    assert "--force" in help_text and "<bool>" not in help_text.split("--help")[0]
 
 
 def test_regression_recipe_runs(tmp_path: Path) -> None:
@@ -269,7 +287,7 @@ def test_interrupted_run_resumes_to_the_same_student(
     """Stop the recipe mid-way through the distilled student (as Ctrl-C would), resume via the CLI,
     and get byte-identical weights to the uninterrupted run."""
     import stillroom.train.loop as loop
-    from stillroom.pipeline import run_recipe
+    from stillroom.methods.classic import run_recipe
 
     reference, _ = few_label_run
     out = tmp_path / "interrupted"

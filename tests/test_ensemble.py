@@ -214,7 +214,7 @@ def test_cli_end_to_end_and_resume(tmp_path: Path, monkeypatch, one_thread) -> N
     assert soft.shape == (results["train_samples"], 10)
     # mean_prob targets are log-probabilities: each row's probabilities sum to 1
     torch.testing.assert_close(soft.exp().sum(1), torch.ones(len(soft)))
-    assert "agreement with ensemble" in (run_dir / "results.md").read_text()
+    assert "| ensemble_agreement | member_weight |" in (run_dir / "results.md").read_text()
 
     # --resume: finished members are loaded, not retrained
     members = {i: tree_digest(run_dir / f"teacher_{i}") for i in (0, 1)}

@@ -19,8 +19,9 @@ from typer.testing import CliRunner
 
 from stillroom.cli import app
 from stillroom.config import load_recipe
+from stillroom.methods.classic import run_recipe
 from stillroom.models import load_model
-from stillroom.pipeline import ROLES, prepare_data, run_recipe
+from stillroom.pipeline import ROLES, prepare_data
 from stillroom.report import Timing, build_report, reliability
 from stillroom.report.build import read_curves
 from stillroom.report.figures import curves

@@ -24,6 +24,7 @@ from stillroom.models import count_parameters, load_model, save_model
 from stillroom.models.multiexit import ExitNetwork, MultiExitResNet, exit_model
 from stillroom.objective import ObjectiveStudent, StepOutputs, build_objective
 from stillroom.pipeline import prepare_data
+from stillroom.results import read_summary
 from stillroom.train import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -221,7 +222,14 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
         app, ["distill", str(RECIPE), *TINY, "--out", str(out), "--no-progress"]
     )
     assert result.exit_code == 0, result.output
-    assert "self-" in result.output and "supervised" in result.output
+    assert "exit1" in result.output and "supervised" in result.output
+    # the result contract: every exit, the plain network; the report reads it
+    summary = read_summary(out)
+    assert [m.name for m in summary.models] == ["exit1", "final", "plain_scratch"]
+    assert summary.primary == "final" and summary.model("exit1").role == "exit"
+    page = (out / "report" / "report.html").read_text()
+    assert "exit1" in page and "plain_scratch" in page and "Settings" in page
+    assert json.loads((out / "report" / "report.json").read_text())["method"] == "self_distill"
     payload = json.loads((out / "results.json").read_text())
     assert list(payload["exits"]) == ["exit1", "final"]
     _, recipe = load_method_recipe(out / "config.yaml")

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from stillroom.config import Recipe, load_recipe
 from stillroom.io import atomic_write_json, atomic_write_text
-from stillroom.pipeline import RunResult, results_table, run_recipe
+from stillroom.methods.classic import RunResult, run_recipe
+from stillroom.results import Summary, markdown_table, read_summary
 from stillroom.runs import hold, write_marker
 
 FEW_LABEL_FRACTION = 0.05
@@ -61,6 +62,23 @@ def run_demo(
         }
     )
     results["few_labels"] = run_recipe(few, run_dir / "few_labels", progress=progress)
-    summary = [f"## {name}\n\n{results_table(result)}\n" for name, result in results.items()]
-    atomic_write_text(run_dir / "demo.md", "# stillroom demo\n\n" + "\n".join(summary))
+    tables = [markdown_table(summary) for summary in demo_summaries(run_dir).values()]
+    atomic_write_text(run_dir / "demo.md", "# stillroom demo\n\n" + "\n\n".join(tables) + "\n")
     return DemoResult(run_dir, results)
+
+
+TITLES = {
+    "all_labels": "(a) all labels: the student sees every training label",
+    "few_labels": f"(b) few labels: the student sees {FEW_LABEL_FRACTION:.0%} of the labels, "
+    "the teacher soft-labels every training input",
+}
+
+
+def demo_summaries(run_dir: Path) -> dict[str, Summary]:
+    """Each setting's result contract, titled as the demo names it."""
+    summaries = {}
+    for name, title in TITLES.items():
+        summary = read_summary(Path(run_dir) / name)
+        summary.title = title
+        summaries[name] = summary
+    return summaries

@@ -49,3 +49,9 @@ def format_bytes(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" or size >= 100 else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+def weights_bytes(folder: Path) -> int | None:
+    """Bytes of the weight files (*.safetensors) in a saved model folder; None without any."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    return sum(f.stat().st_size for f in files) if files else None

@@ -1,23 +1,12 @@
-"""The `distill` workflow behind `stillroom distill RECIPE` and the demo.
+"""The phases the array-data methods share: reading the data, checking teacher and student
+against it, training one phase into its folder, the teacher, and a scratch/distilled student pair.
 
-    data -> teacher (trained, or loaded from a checkpoint) -> soft targets over the training set
-         -> student from labels alone (baseline) and distilled student -> test metrics and costs
-
-Run folder:
-    config.yaml                 the resolved recipe (every field)
-    data.json                   how the data was read: source, columns, encodings, split sizes,
-                                the standardisation every model carries (see data/scaling.py)
-    teacher/                    model.json + model.safetensors, metrics.jsonl, checkpoints/
-    soft_targets.safetensors    the teacher's logits for every training sample (row = sample id)
-    student_scratch/            the student trained on labels alone
-    student_kd/                 the distilled student
-    results.json, results.md    the comparison table; curves.png, size_vs_metric.png
+The classic workflow built from them is methods/classic.py; self-distillation, born-again chains,
+ensembles and multi-task runs call the same functions.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,26 +22,12 @@ from stillroom.data import (
     prepare_splits,
 )
 from stillroom.errors import StillroomError
-from stillroom.io import atomic_write_json, atomic_write_text
-from stillroom.measure import format_bytes, model_costs
 from stillroom.models import FROZEN, build_model, load_model, save_model
 from stillroom.objective import build_objective, check_layer_names, tapped_layers
-from stillroom.runs import gap_closed, prepare_run_dir
-from stillroom.store import StoreTeacher
-from stillroom.teachers import CachedTeacher, generate_soft_targets
-from stillroom.train import TrainArgs, distill, evaluate, predict
-from stillroom.train.evaluate import METRICS
+from stillroom.runs import mark_complete
+from stillroom.train import TrainArgs, distill
 
 ROLES = ("teacher", "student_scratch", "student_kd")
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    task: str
-    metric: str
-    rows: dict[str, dict[str, Any]]
-    gap_closed: float | None
 
 
 def prepare_data(recipe: Recipe) -> tuple[Splits, ArrayData]:
@@ -210,6 +185,7 @@ def train_phase(
         num_outputs=train.num_outputs,
         preprocess=train.preprocess,
     )
+    mark_complete(run_dir / name)
     return result.student
 
 
@@ -289,129 +265,3 @@ def train_students(
         resume,
     )
     return students
-
-
-def run_recipe(
-    recipe: Recipe, run_dir: Path, resume: bool = False, progress: bool = True, force: bool = False
-) -> RunResult:
-    """Run every phase of `recipe` into `run_dir` (resuming finished/started phases if asked;
-    `force` replaces an earlier run there, once every check has passed)."""
-    run_dir = Path(run_dir)
-    # everything that can be checked before any training is checked before the run folder exists
-    splits, student_train = prepare_data(recipe)
-    task = splits.train.task
-    check_task(recipe, task)
-    input_shape, num_outputs = splits.train.input_shape, splits.train.num_outputs
-    _check_term_layers(recipe, input_shape, num_outputs)
-    data = recipe.data
-    protected = (
-        recipe.teacher.checkpoint,
-        recipe.teacher.store,
-        data.path,
-        data.val_path,
-        data.test_path,
-    )
-    given = given_teacher(recipe, splits)  # a checkpoint or another framework's model, checked
-    check_models(recipe, splits, given[0] if given else None)
-    prepare_run_dir(run_dir, recipe, resume, force, protected)
-    atomic_write_json(run_dir / "data.json", splits.record)
-
-    # 1. the teacher: given, or trained on every training label: it stands for the big, accurate
-    #    model that already exists; label_fraction limits what the *student* sees
-    if given is not None:
-        saved, meta = given
-        save_model(saved, meta.pop("spec"), run_dir / "teacher", **meta)
-        teacher, _ = load_model(run_dir / "teacher")  # in the units the students train in
-    else:
-        teacher = train_teacher(recipe, run_dir, splits, progress=progress, resume=resume)
-
-    # 2. soft targets: the teacher runs once over every training input, labelled or not
-    soft_targets = generate_soft_targets(teacher, make_loader(student_train, 512, shuffle=False))
-    soft_targets.save(run_dir / "soft_targets.safetensors")
-
-    # 3. the same student architecture, from labels alone and distilled
-    # feature terms read the teacher's intermediate layers at every step: they need it live
-    if tapped_layers(list(recipe.train_args(recipe.distill, task).terms))[1]:
-        kd_teacher: Any = teacher
-    elif recipe.teacher.store is not None:
-        # refuses a store made by another teacher or on other inputs, naming which differs
-        kd_teacher = StoreTeacher(recipe.teacher.store, teacher=teacher, data=student_train)
-    else:
-        kd_teacher = CachedTeacher(soft_targets.outputs)
-    students = train_students(
-        recipe, run_dir, kd_teacher, splits, student_train, progress=progress, resume=resume
-    )
-
-    # 4. the comparison on the held-out test split
-    test_loader = make_loader(splits.test, 512, shuffle=False)
-    teacher_pred = predict(teacher, test_loader)[0]
-    rows: dict[str, dict[str, Any]] = {}
-    for role, model in {"teacher": teacher, **students}.items():
-        frozen = role == "teacher" and recipe.teacher.kind in FROZEN
-        weights = (
-            Path(recipe.teacher.spec()["path"]) if frozen else run_dir / role / "model.safetensors"
-        )
-        row = {**evaluate(model, test_loader, task), **model_costs(model, weights, input_shape)}
-        if task == "classification" and role != "teacher":
-            row["teacher_agreement"] = (
-                (predict(model, test_loader)[0].argmax(1) == teacher_pred.argmax(1))
-                .float()
-                .mean()
-                .item()
-            )
-        rows[role] = row
-    metric = METRICS[task][0]
-    result = RunResult(run_dir, task, metric, rows, gap_closed(rows, metric))
-    write_results(result, student_train, len(splits.test))
-    return result
-
-
-def write_results(result: RunResult, student_train: ArrayData, test_samples: int) -> None:
-    payload = {
-        "task": result.task,
-        "metric": result.metric,
-        "gap_closed": result.gap_closed,
-        "train_samples": len(student_train),
-        "labelled_train_samples": len(labelled_only(student_train)),
-        "test_samples": test_samples,
-        "models": result.rows,
-    }
-    atomic_write_json(result.run_dir / "results.json", payload)
-    atomic_write_text(result.run_dir / "results.md", results_table(result) + "\n")
-    from stillroom.plots import plot_run  # matplotlib is slow to import; only when writing a run
-
-    plot_run(result)
-
-
-def results_table(result: RunResult) -> str:
-    """Markdown table: the task metric, size and latency of each model, and the gap closed."""
-    metric = result.metric
-    lines = [
-        f"| model | test {metric} | parameters | size on disk | CPU latency (batch 1) | agreement with teacher |",
-        "|---|---|---|---|---|---|",
-    ]
-    teacher = result.rows["teacher"]
-    for role, row in result.rows.items():
-        value = f"{row[metric]:.4f}"
-        ratio = teacher["parameters"] / row["parameters"]
-        size = format_bytes(row["size_bytes"])
-        speed = teacher["latency_ms"] / row["latency_ms"]
-        agreement = f"{row['teacher_agreement']:.3f}" if "teacher_agreement" in row else "-"
-        params = f"{row['parameters']:,}" + (
-            f" ({ratio:.0f}x smaller)" if role != "teacher" else ""
-        )
-        latency = f"{row['latency_ms']:.3f} ms" + (
-            f" ({speed:.1f}x faster)" if role != "teacher" else ""
-        )
-        lines.append(f"| {role} | {value} | {params} | {size} | {latency} | {agreement} |")
-    gap = "n/a" if result.gap_closed is None else f"{result.gap_closed:.2f}"
-    lines.append("")
-    lines.append(f"gap closed = (kd - scratch) / (teacher - scratch) = {gap}")
-    return "\n".join(lines)
-
-
-def load_results(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / "results.json"
-    if not path.is_file():
-        raise StillroomError(f"{run_dir} holds no results.json; is it a finished stillroom run?")
-    return json.loads(path.read_text())

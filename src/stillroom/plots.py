@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt
 
 if TYPE_CHECKING:
-    from stillroom.pipeline import RunResult
+    from stillroom.methods.classic import RunResult
 
 COLORS = {"teacher": "tab:gray", "student_scratch": "tab:orange", "student_kd": "tab:blue"}
 

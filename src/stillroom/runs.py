@@ -232,6 +232,21 @@ def prepare_run_dir(
     atomic_write_text(config_path, dump_recipe(recipe))
 
 
+# --- phases: one completion marker for every method ---------------------------------------------
+
+DONE = "done.json"
+"""Written last, atomically, into a phase's folder once its model is saved: `--resume` loads a
+folder holding it instead of training again, and continues any other from its checkpoints."""
+
+
+def is_complete(folder: Path) -> bool:
+    return (Path(folder) / DONE).is_file()
+
+
+def mark_complete(folder: Path, record: dict[str, Any] | None = None) -> None:
+    atomic_write_json(Path(folder) / DONE, record or {})
+
+
 # --- the figure of merit every method reports ----------------------------------------------------
 
 

@@ -35,6 +35,28 @@ for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"stillroom {version('stillroom')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_version,
+        is_eager=True,
+        metavar="",
+        help="print the version and exit",
+    ),
+) -> None:
+    """stillroom: distil a large teacher into a small, fast student, and report what it keeps."""
+
+
 def main() -> None:
     try:
         app()

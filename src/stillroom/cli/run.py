@@ -16,9 +16,9 @@ from stillroom.cli.common import (
     ReportOption,
     console,
     fresh_run_dir,
-    results_table,
 )
 from stillroom.config import dump_recipe
+from stillroom.results import read_summary, terminal_table
 from stillroom.runs import release
 
 
@@ -31,20 +31,16 @@ def demo(
     report: ReportOption = True,
 ) -> None:
     """Distil a CNN into a 31x smaller MLP on built-in digits, with all labels and with 5% of them."""
-    from stillroom.demo import FEW_LABEL_FRACTION, run_demo
-    from stillroom.report import build_report
+    from stillroom.demo import demo_summaries, run_demo
+    from stillroom.report import build_report, write_index
 
     run_dir = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     fresh_run_dir(run_dir, force, kind="demo")
     started = time.perf_counter()
     result = run_demo(run_dir, seed=seed, progress=progress, overrides=overrides or [])
-    titles = {
-        "all_labels": "(a) all labels: the student sees every training label",
-        "few_labels": f"(b) few labels: the student sees {FEW_LABEL_FRACTION:.0%} of the labels, "
-        "the teacher soft-labels every training input",
-    }
-    for name, setting in result.settings.items():
-        console.print(results_table(titles[name], setting))
+    summaries = demo_summaries(run_dir)
+    for summary in summaries.values():
+        console.print(terminal_table(summary))
         console.print()
     reports = {name: build_report(run_dir / name) for name in result.settings} if report else {}
     console.print(f"finished in {time.perf_counter() - started:.0f} s; run folder: {run_dir}")
@@ -53,15 +49,20 @@ def demo(
             f"  {run_dir / name / 'results.md'}  (plots: curves.png, size_vs_metric.png)",
             soft_wrap=True,
         )
-    for name, path in reports.items():
-        console.print(f"report ({name}): {path}", soft_wrap=True)
+    if reports:
+        index = write_index(run_dir, "stillroom demo", summaries, reports)
+        console.print(f"reports: {index}", soft_wrap=True)
+        for name, path in reports.items():
+            console.print(f"  {name}: {path}", soft_wrap=True)
 
 
 def distill_command(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe, e.g. recipes/digits.yaml")],
     overrides: OverridesArg = None,
     out: OutOption = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue the run in --out")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue the run in --out", metavar="")
+    ] = False,
     force: ForceOption = False,
     progress: ProgressOption = True,
     report: ReportOption = True,
@@ -74,10 +75,10 @@ def distill_command(
     run_dir = out or Path("runs") / resolved.name
     try:
         # a method replaces an earlier run only after every check passed: a typo loses nothing
-        result = method.run(resolved, run_dir, resume=resume, progress=progress, force=force)
-        console.print(method.show(result, f"{resolved.name}: test set"))
+        method.run(resolved, run_dir, resume=resume, progress=progress, force=force)
+        console.print(terminal_table(read_summary(run_dir)))
         console.print(f"run folder: {run_dir}\n  {run_dir / 'results.md'}", soft_wrap=True)
-        if report and method.report:
+        if report:
             console.print(f"report: {build_report(run_dir)}", soft_wrap=True)
     finally:
         release(run_dir)

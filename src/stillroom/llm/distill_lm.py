@@ -18,22 +18,14 @@ from typing import Any
 
 from torch import nn
 
-from stillroom.io import atomic_write_json, atomic_write_text
+from stillroom.io import atomic_write_json
 from stillroom.llm.causal import CausalLM, count_parameters, heldout_metrics, save_causal_lm
 from stillroom.llm.corpus import TokenBlocks, TokenSplits, make_token_loader
 from stillroom.llm.hub import load_pretrained
 from stillroom.objective import TermSpec
+from stillroom.results import ModelResult, Summary, gap_note, write_summary
+from stillroom.runs import DONE, is_complete, mark_complete
 from stillroom.train import TrainArgs, distill
-
-DONE = "done.json"
-
-
-def is_complete(folder: Path) -> bool:
-    return (Path(folder) / DONE).is_file()
-
-
-def mark_complete(folder: Path, record: dict[str, Any]) -> None:
-    atomic_write_json(Path(folder) / DONE, record)
 
 
 def token_kd_args(
@@ -146,61 +138,49 @@ def compare(
 def write_results(result: CausalLMResult) -> None:
     payload = {"gap_closed_loss": result.gap_closed, **result.info, "models": result.rows}
     atomic_write_json(result.run_dir / "results.json", payload)
-    atomic_write_text(result.run_dir / "results.md", results_markdown(result) + "\n")
+    write_summary(summarize(result), result.run_dir)
 
 
-HEADERS = [
-    ("model", "model"),
-    ("held-out perplexity", "perplexity"),
-    ("nats/token", None),
-    ("token accuracy", "acc"),
-    ("top-1 agreement with teacher", "agree"),
-    ("parameters", "params"),
-    ("non-embedding parameters", None),
-    ("tokens/s", "tok/s"),
-]
-"""(markdown header, terminal header or None: not shown in the terminal's narrower table)."""
-
-
-def cells(name: str, row: dict[str, Any]) -> list[str]:
-    """One row of the table, as text, in HEADERS order."""
-    agreement = row.get("teacher_agreement")
-    return [
-        name,
-        f"{row['perplexity']:.2f}",
-        f"{row['loss']:.4f}",
-        f"{row['token_accuracy']:.3f}",
-        f"{agreement:.3f}" if agreement is not None else "-",
-        f"{row['parameters']:,}",
-        f"{row['non_embedding_parameters']:,}",
-        f"{row['tokens_per_second']:,.0f}",
+def summarize(result: CausalLMResult) -> Summary:
+    """Teacher, scratch and distilled students on the held-out next tokens."""
+    roles = {"teacher": "teacher", "student_scratch": "baseline", "student_kd": "distilled"}
+    keys = ("perplexity", "loss", "token_accuracy", "teacher_agreement", "tokens_per_second")
+    models = [
+        ModelResult(
+            name=name,
+            role=roles[name],  # type: ignore[arg-type]
+            metrics={key: row.get(key) for key in keys},
+            folder=name if (result.run_dir / name / "config.json").is_file() else None,
+            parameters=row["parameters"],
+            size_bytes=row.get("size_bytes"),
+            architecture=f"{row['non_embedding_parameters']:,} non-embedding parameters",
+            teacher="teacher" if name == "student_kd" else "",
+        )
+        for name, row in result.rows.items()
     ]
-
-
-def footer(result: CausalLMResult, short: bool = False) -> str:
+    loss = {name: row["loss"] for name, row in result.rows.items()}
+    _, gap_line = gap_note(
+        loss["teacher"], loss.get("student_scratch"), loss.get("student_kd"), "loss", False
+    )
     tokens = next(iter(result.rows.values()))["heldout_tokens"]
-    gap = "n/a" if result.gap_closed is None else f"{result.gap_closed:.2f}"
-    if short:
-        lines = [
-            f"{tokens:,} held-out next tokens; agree: same top-1 token as the teacher",
-            f"gap closed (nats/token): {gap}",
-        ]
-    else:
-        lines = [
-            f"test blocks: {tokens:,} labelled next tokens; top-1 agreement: share of them where "
-            "the model's most likely next token is the teacher's; tokens/s: forward passes at the "
-            "training batch size",
-            f"gap closed (nats/token) = (kd - scratch) / (teacher - scratch) = {gap}",
-        ]
+    notes = [
+        f"{tokens:,} held-out next tokens; loss: nats/token; teacher_agreement: share of them "
+        "where the model's most likely next token is the teacher's; tokens_per_second: forward "
+        "passes at the training batch size",
+        gap_line + " (on the loss, nats/token)",
+    ]
     if result.info.get("vocab", {}).get("note"):
-        lines.append(f"vocabulary: {result.info['vocab']['note']}")
+        notes.append(f"vocabulary: {result.info['vocab']['note']}")
     if "on_policy_steps" in result.info:
         done, total = result.info["on_policy_steps"]
-        lines.append(f"on-policy: {done} of {total} training steps used student samples")
-    return "\n".join(lines)
-
-
-def results_markdown(result: CausalLMResult) -> str:
-    lines = ["| " + " | ".join(h for h, _ in HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(cells(n, r)) + " |" for n, r in result.rows.items()]
-    return "\n".join([*lines, "", footer(result)])
+        notes.append(f"on-policy: {done} of {total} training steps used student samples")
+    return Summary(
+        method="causal_lm",
+        title=f"causal LM distillation: held-out next tokens ({result.run_dir.name})",
+        task="language_modeling",
+        metric="perplexity",
+        higher_is_better=False,
+        models=models,
+        notes=notes,
+        primary="student_kd",
+    )

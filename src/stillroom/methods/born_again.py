@@ -31,8 +31,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import Field, field_validator
-from rich import box
-from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -40,7 +38,7 @@ from stillroom.config import ModelSection, Recipe, dump_recipe
 from stillroom.data import labelled_only, make_loader
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_write_json, atomic_write_text
-from stillroom.measure import format_bytes, model_costs
+from stillroom.measure import model_costs
 from stillroom.methods.chain import (
     distill_chain,
     evaluate_on_test,
@@ -51,6 +49,7 @@ from stillroom.methods.chain import (
 from stillroom.models import build_model, load_model, save_model
 from stillroom.objective import check_layer_names, tapped_layers
 from stillroom.pipeline import build_seeded, check_task, prepare_data, train_phase, train_teacher
+from stillroom.results import ModelResult, Summary, write_summary
 from stillroom.runs import gap_closed, prepare_run_dir
 from stillroom.train import predict
 from stillroom.train.evaluate import METRICS, is_better
@@ -364,88 +363,44 @@ def _rows(
 def write_chain_results(result: ChainResult) -> None:
     payload = {"task": result.task, "metric": result.metric, "models": result.rows}
     atomic_write_json(result.run_dir / "results.json", payload)
-    atomic_write_text(result.run_dir / "results.md", chain_table(result) + "\n")
+    write_summary(summarize(result), result.run_dir)
 
 
-def _cells(result: ChainResult, row: dict[str, Any]) -> list[str]:
-    """model-independent cells of one row, as text (shared by the markdown and the rich table)."""
-    gen0 = result.rows["gen-0"]
-    ratio = gen0["parameters"] / row["parameters"]
-
-    def share(key: str) -> str:
-        return f"{row[key]:.3f}" if key in row else "-"
-
-    gap = row.get("gap_closed")
-    return [
-        row["architecture"],
-        row["teacher"] or "-",
-        f"{row[result.metric]:.4f}",
-        f"{row['parameters']:,}" + (f" ({ratio:.0f}x smaller)" if ratio > 1.5 else ""),
-        format_bytes(row["size_bytes"]),
-        f"{row['latency_ms']:.3f} ms",
-        share("agreement_teacher"),
-        share("agreement_gen0"),
-        f"{gap:.2f} vs {row['scratch']}" if gap is not None else "-",
-    ]
-
-
-HEADERS = [
-    "model",
-    "architecture",
-    "teacher",
-    "test {metric}",
-    "parameters",
-    "size",
-    "CPU latency (batch 1)",
-    "agreement with its teacher",
-    "agreement with gen-0",
-    "gap closed",
-]
-
-
-def chain_table(result: ChainResult) -> str:
-    """Markdown table: every generation and scratch baseline."""
-    headers = [h.format(metric=result.metric) for h in HEADERS]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+def summarize(result: ChainResult) -> Summary:
+    """Every generation (gen-0 is the teacher), then the scratch students of each architecture."""
+    models = []
     for name, row in result.rows.items():
-        lines.append("| " + " | ".join([name, *_cells(result, row)]) + " |")
-    lines.append("")
-    lines.append(
-        "gap closed = (generation - scratch) / (gen-0 - scratch), the scratch student having the "
-        "generation's architecture; agreement: share of test samples with the same top-1 class"
-    )
-    return "\n".join(lines)
-
-
-def show(result: ChainResult, title: str) -> Table:
-    """The chain's table for the terminal (results.md has every column)."""
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 0))
-    table.add_column("model", no_wrap=True)
-    table.add_column("architecture", no_wrap=True)
-    for header in (
-        result.metric,
-        "params",
-        "latency",
-        "agree\nteacher",
-        "agree\ngen-0",
-        "gap\nclosed",
-    ):
-        table.add_column(header, justify="right", no_wrap=True)
-    for name, row in result.rows.items():
-        cells = _cells(result, row)
-        gap = row.get("gap_closed")
-        table.add_row(
-            name,
-            cells[0],
-            cells[2],
-            f"{row['parameters']:,}",
-            f"{row['latency_ms']:.3f}",
-            cells[6],
-            cells[7],
-            "-" if gap is None else f"{gap:.2f}",
+        role = "baseline" if name.startswith("scratch") else "generation"
+        models.append(
+            ModelResult(
+                name=name,
+                role="teacher" if name == "gen-0" else role,  # type: ignore[arg-type]
+                metrics={
+                    result.metric: row[result.metric],
+                    "agreement_teacher": row.get("agreement_teacher"),
+                    "agreement_gen0": row.get("agreement_gen0"),
+                    "gap_closed": row.get("gap_closed"),
+                },
+                folder=name,
+                parameters=row["parameters"],
+                size_bytes=row["size_bytes"],
+                latency_ms=row["latency_ms"],
+                architecture=row["architecture"],
+                teacher=row["teacher"] or "",
+            )
         )
-    table.caption = (
-        "test split; latency: CPU, batch 1, median ms; agree: same top-1 class as the model's teacher / "
-        "gen-0; gap closed = (generation - scratch) / (gen-0 - scratch), scratch of the same architecture"
+    generations = [m.name for m in models if m.role == "generation"]
+    return Summary(
+        method="born_again",
+        title=f"generations: test {result.metric} ({result.run_dir.name})",
+        task=result.task,
+        metric=result.metric,
+        higher_is_better=METRICS[result.task][1] == "max",
+        models=models,
+        notes=[
+            "gap_closed = (generation - scratch) / (gen-0 - scratch), the scratch student having "
+            "the generation's architecture (- where gen-0 does not lead it); agreement: share of "
+            "test samples with the same top-1 class as the model's teacher / gen-0"
+        ],
+        primary=generations[-1] if generations else None,
     )
-    return table

@@ -37,8 +37,6 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from rich import box
-from rich.table import Table
 
 from stillroom.config import TrainSection
 from stillroom.errors import StillroomError
@@ -61,11 +59,8 @@ from stillroom.llm.corpus import (
     tokenize_corpus,
 )
 from stillroom.llm.distill_lm import (
-    HEADERS,
     CausalLMResult,
-    cells,
     compare,
-    footer,
     is_complete,
     label_args,
     mark_complete,
@@ -457,16 +452,3 @@ def run_causal_lm(
     result = compare(run_dir, teacher, students, setup.splits.test, batch, info)
     write_results(result)
     return result
-
-
-def show(result: CausalLMResult, title: str) -> Table:
-    """The comparison for the terminal."""
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    shown = [i for i, (_, header) in enumerate(HEADERS) if header is not None]
-    for i in shown:
-        table.add_column(HEADERS[i][1], justify="left" if i == 0 else "right", no_wrap=True)
-    for name, row in result.rows.items():
-        text = cells(name, row)
-        table.add_row(*(text[i] for i in shown))
-    table.caption = footer(result, short=True)
-    return table

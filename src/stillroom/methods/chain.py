@@ -28,14 +28,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from stillroom.errors import StillroomError
-from stillroom.io import atomic_write_json
 from stillroom.models import load_weights, save_weights
 from stillroom.objective import tapped_layers
+from stillroom.runs import DONE, is_complete, mark_complete
 from stillroom.teachers import CachedTeacher, generate_soft_targets
 from stillroom.train import DistillResult, TrainArgs, distill, evaluate, predict
-
-DONE = "done.json"
-"""Written last, atomically, into a stage's folder: the stage is complete."""
 
 
 class GenerationFailed(StillroomError):
@@ -62,13 +59,6 @@ def failing_stage(stage: str, run_dir: Path | None, kept: str) -> Iterator[None]
         err.add_note(f"{stage} failed -- {hint}")
         raise
 
-
-def is_complete(folder: Path) -> bool:
-    return (Path(folder) / DONE).is_file()
-
-
-def mark_complete(folder: Path, record: dict[str, Any]) -> None:
-    atomic_write_json(Path(folder) / DONE, record)
 
 
 def agreement(outputs: torch.Tensor, reference: torch.Tensor) -> float:

@@ -30,13 +30,11 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from rich import box
-from rich.table import Table
 from torch import nn
 
 from stillroom.config import TrainSection
 from stillroom.errors import StillroomError
-from stillroom.io import atomic_write_json, atomic_write_text
+from stillroom.io import atomic_write_json
 from stillroom.llm.encoder import (
     MLMCollate,
     TextModel,
@@ -51,8 +49,10 @@ from stillroom.llm.encoder import (
 from stillroom.llm.hub import load_pretrained, load_tokenizer, package_folder
 from stillroom.llm.sentences import SentenceCorpus, load_corpus, split_documents
 from stillroom.losses import IGNORE_INDEX
+from stillroom.measure import weights_bytes
 from stillroom.objective import TermSpec
-from stillroom.runs import check_run_dir_free, prepare_run_dir
+from stillroom.results import ModelResult, Summary, gap_note, write_summary
+from stillroom.runs import check_run_dir_free, is_complete, mark_complete, prepare_run_dir
 from stillroom.train import TrainArgs, distill, evaluate
 from stillroom.train.evaluate import predict
 
@@ -230,13 +230,6 @@ def train_args(
     )
 
 
-def is_done(folder: Path) -> bool:
-    return (folder / "done.json").is_file()
-
-
-def mark_done(folder: Path, **info: Any) -> None:
-    atomic_write_json(folder / "done.json", info)
-
 
 # ---------------------------------------------------------------- the encoder workflow
 
@@ -351,7 +344,7 @@ def run_encoder(
     # 1. the teacher: fine-tuned on the labels here, or used as loaded
     teacher_dir = run_dir / "teacher"
     if recipe.teacher.train is not None:
-        if is_done(teacher_dir):
+        if is_complete(teacher_dir):
             teacher = load_pretrained(teacher_dir, recipe.head)
         else:
             args = train_args(
@@ -372,7 +365,7 @@ def run_encoder(
                 args=args,
             )
             teacher.save_pretrained(teacher_dir, safe_serialization=True)
-            mark_done(teacher_dir)
+            mark_complete(teacher_dir)
         # the student starts from the fine-tuned teacher's layers (its head included)
         student_init = reduce_layers(
             teacher, recipe.student.keep, hidden_size=recipe.student.hidden_size
@@ -386,7 +379,7 @@ def run_encoder(
     for role, terms in plans.items():
         folder = run_dir / role
         model = reduce_layers(teacher, recipe.student.keep, hidden_size=recipe.student.hidden_size)
-        if is_done(folder):
+        if is_complete(folder):
             students[role] = load_pretrained(folder, recipe.head)
             continue
         args = train_args(
@@ -403,13 +396,13 @@ def run_encoder(
         )
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
-        mark_done(folder)
+        mark_complete(folder)
         students[role] = model
 
     # 3. the comparison on the held-out documents
     payload = _results(recipe, task, teacher, students, loaders)
     atomic_write_json(run_dir / "results.json", payload)
-    atomic_write_text(run_dir / "results.md", results_markdown(payload) + "\n")
+    write_summary(summarize(payload, run_dir), run_dir)
     return payload
 
 
@@ -466,45 +459,47 @@ def _results(
     }
 
 
-def results_markdown(payload: dict[str, Any]) -> str:
+def summarize(payload: dict[str, Any], run_dir: Path) -> Summary:
+    """The teacher and both students (transformers folders), with throughput for speed."""
     metric = payload["metric"]
-    lines = [
-        f"| model | layers | test {metric} | agreement with teacher | parameters | texts/s (1 thread, batch 32) | speed-up |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for role, row in payload["models"].items():
-        agree = f"{row['teacher_agreement']:.3f}" if "teacher_agreement" in row else "-"
-        lines.append(
-            f"| {role} | {row['layers']} | {row[metric]:.4f} | {agree} | {row['parameters']:,} "
-            f"| {row['texts_per_s']:.1f} | {row['speedup']:.2f}x |"
+    roles = {"teacher": "teacher", "student_scratch": "baseline", "student_kd": "distilled"}
+    models = [
+        ModelResult(
+            name=name,
+            role=roles[name],  # type: ignore[arg-type]
+            metrics={
+                metric: row[metric],
+                "teacher_agreement": row.get("teacher_agreement"),
+                "texts_per_s": row["texts_per_s"],
+                "speedup": row["speedup"],
+            },
+            folder=name if (run_dir / name / "config.json").is_file() else None,
+            parameters=row["parameters"],
+            size_bytes=weights_bytes(run_dir / name),
+            architecture=f"{row['layers']} layers",
+            teacher="teacher" if name == "student_kd" else "",
         )
-    gap = payload["gap_closed"]
-    lines += [
-        "",
-        f"keep = {payload['keep']}; {payload['texts_truncated']} texts truncated to "
-        f"{payload['max_length']} tokens; gap closed = (kd - scratch) / (teacher - scratch) = "
-        + ("n/a" if gap is None else f"{gap:.2f}"),
+        for name, row in payload["models"].items()
     ]
-    return "\n".join(lines)
-
-
-def show(result: dict[str, Any], title: str) -> Table:
-    """The encoder table for the terminal."""
-    metric = result["metric"]
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    for header in ("model", "layers", metric, "agree", "params", "texts/s", "speed-up"):
-        table.add_column(header, justify="left" if header == "model" else "right")
-    for role, row in result["models"].items():
-        agree = f"{row['teacher_agreement']:.3f}" if "teacher_agreement" in row else "-"
-        table.add_row(
-            role,
-            str(row["layers"]),
-            f"{row[metric]:.4f}",
-            agree,
-            f"{row['parameters']:,}",
-            f"{row['texts_per_s']:.1f}",
-            f"{row['speedup']:.2f}x",
-        )
-    gap = result["gap_closed"]
-    table.caption = "gap closed: " + ("n/a" if gap is None else f"{gap:.2f}")
-    return table
+    higher = payload["task"] == "classification"  # perplexity: lower is better
+    value = {name: row[metric] for name, row in payload["models"].items()}
+    _, gap_line = gap_note(
+        value["teacher"], value.get("student_scratch"), value.get("student_kd"), metric, higher
+    )
+    return Summary(
+        method="encoder",
+        title=f"encoder distillation: test {metric} ({run_dir.name})",
+        task=payload["task"],
+        metric=metric,
+        higher_is_better=higher,
+        models=models,
+        settings={
+            "head": payload["head"],
+            "keep": payload["keep"],
+            "max_length": payload["max_length"],
+            "texts": f"{payload['train_texts']} train, {payload['test_texts']} test, "
+            f"{payload['texts_truncated']} truncated",
+        },
+        notes=[gap_line, "texts_per_s: 1 thread, batch 32; speedup: vs the teacher"],
+        primary="student_kd",
+    )

@@ -38,13 +38,12 @@ from stillroom.losses import IGNORE_INDEX
 from stillroom.methods.ensemble_results import (
     EnsembleResult,
     evaluate_models,
-    show,
     write_results,
 )
 from stillroom.models import load_model, save_model
 from stillroom.objective import tapped_layers
 from stillroom.pipeline import build_seeded, check_task, prepare_data, train_phase, train_students
-from stillroom.runs import gap_closed, prepare_run_dir
+from stillroom.runs import gap_closed, is_complete, prepare_run_dir
 from stillroom.store import SoftTargetStore, StoreTeacher
 from stillroom.teachers import (
     CachedTeacher,
@@ -65,7 +64,6 @@ __all__ = [
     "EnsembleSection",
     "MemberSection",
     "run_ensemble",
-    "show",
 ]
 
 
@@ -314,7 +312,7 @@ def _member(
             num_outputs=num_outputs,
         )
         return module
-    if resume and (run_dir / name / "model.json").is_file():
+    if resume and is_complete(run_dir / name):
         return load_model(run_dir / name)[0]
     seed = recipe.seed + (i if section.seed_offset is None else section.seed_offset)
     args = recipe.train_args(

@@ -9,15 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich import box
-from rich.table import Table
 
 from stillroom.data import ArrayData, labelled_only, make_loader
-from stillroom.io import atomic_write_json, atomic_write_text
-from stillroom.measure import format_bytes, latency_ms, model_costs
+from stillroom.io import atomic_write_json
+from stillroom.measure import latency_ms, model_costs
 from stillroom.models import count_parameters
+from stillroom.results import ModelResult, Summary, gap_note, write_summary
 from stillroom.teachers import EnsembleModule
 from stillroom.train import evaluate, predict
+from stillroom.train.evaluate import METRICS
 
 
 @dataclass
@@ -86,59 +86,50 @@ def write_results(result: EnsembleResult, student_train: ArrayData, test_samples
         "models": result.rows,
     }
     atomic_write_json(result.run_dir / "results.json", payload)
-    atomic_write_text(result.run_dir / "results.md", results_markdown(result) + "\n")
+    write_summary(summarize(result), result.run_dir)
 
 
-def _cells(result: EnsembleResult, role: str, row: dict[str, Any]) -> list[str]:
-    """model, metric, parameters, size, latency, agreement with the ensemble, member weight."""
-    ensemble = result.rows["ensemble"]
-    small = (
-        ""
-        if role == "ensemble"
-        else f" ({ensemble['parameters'] / row['parameters']:.0f}x smaller)"
-    )
-    fast = (
-        "" if role == "ensemble" else f" ({ensemble['latency_ms'] / row['latency_ms']:.1f}x faster)"
-    )
-    return [
-        role,
-        f"{row[result.metric]:.4f}",
-        f"{row['parameters']:,}{small}",
-        format_bytes(row["size_bytes"]),
-        f"{row['latency_ms']:.3f} ms{fast}",
-        f"{row['ensemble_agreement']:.3f}" if "ensemble_agreement" in row else "-",
-        f"{row['weight']:.3f}" if "weight" in row else "-",
+def summarize(result: EnsembleResult) -> Summary:
+    """The ensemble (the students' teacher), each member, then the two students."""
+    higher = METRICS[result.task][1] == "max"
+    roles = {"ensemble": "ensemble", "student_scratch": "baseline", "student_kd": "distilled"}
+    models = [
+        ModelResult(
+            name=name,
+            role=roles.get(name, "member"),  # type: ignore[arg-type]
+            metrics={
+                result.metric: row[result.metric],
+                "ensemble_agreement": row.get("ensemble_agreement"),
+                "member_weight": row.get("weight"),
+            },
+            folder=None if name == "ensemble" else name,
+            parameters=row["parameters"],
+            size_bytes=row["size_bytes"],
+            latency_ms=row["latency_ms"],
+            teacher="ensemble" if name == "student_kd" else "",
+        )
+        for name, row in result.rows.items()
     ]
-
-
-def _gap_line(result: EnsembleResult) -> str:
-    gap = "n/a" if result.gap_closed is None else f"{result.gap_closed:.2f}"
-    return f"gap closed = (kd - scratch) / (ensemble - scratch) = {gap}"
-
-
-def results_markdown(result: EnsembleResult) -> str:
-    """The ensemble, each member and the students as one Markdown table, and the gap closed."""
-    lines = [
-        f"| model | test {result.metric} | parameters | size on disk | CPU latency (batch 1) | "
-        "agreement with ensemble | member weight |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += ["| " + " | ".join(_cells(result, r, row)) + " |" for r, row in result.rows.items()]
-    lines += ["", f"ensemble: {result.combine} of {len(result.weights)} members", _gap_line(result)]
-    return "\n".join(lines)
-
-
-def show(result: EnsembleResult, title: str) -> Table:
-    """The results table for the terminal."""
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("model", no_wrap=True)
-    for column in (result.metric, "params", "size", "latency", "agree", "weight"):
-        table.add_column(column, justify="right", no_wrap=True)
-    for role, row in result.rows.items():
-        table.add_row(*(c.split(" (")[0] for c in _cells(result, role, row)))
-    agree = "; agree: top-1 agreement with the ensemble" if result.task == "classification" else ""
-    table.caption = (
-        f"test split; ensemble: {result.combine}; latency: CPU, batch 1, median{agree}\n"
-        f"{_gap_line(result)}"
+    value = {name: row[result.metric] for name, row in result.rows.items()}
+    _, gap_line = gap_note(
+        value["ensemble"],
+        value.get("student_scratch"),
+        value.get("student_kd"),
+        result.metric,
+        higher,
     )
-    return table
+    return Summary(
+        method="ensemble",
+        title=f"ensemble distillation: test {result.metric} ({result.run_dir.name})",
+        task=result.task,
+        metric=result.metric,
+        higher_is_better=higher,
+        models=models,
+        settings={"combine": result.combine, "weights": [round(w, 4) for w in result.weights]},
+        notes=[
+            f"ensemble: {result.combine} of {len(result.weights)} members; the ensemble plays "
+            "the teacher",
+            gap_line,
+        ],
+        primary="student_kd",
+    )

@@ -37,8 +37,6 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from rich import box
-from rich.table import Table
 from torch import nn
 
 from stillroom.config import Recipe, TermSection, TrainSection
@@ -51,8 +49,8 @@ from stillroom.data.multitask import (
     split_multitask,
 )
 from stillroom.errors import StillroomError
-from stillroom.io import atomic_write_json, atomic_write_text
-from stillroom.measure import format_bytes, model_costs
+from stillroom.io import atomic_write_json
+from stillroom.measure import model_costs
 from stillroom.methods.multitask_distill import (
     TASK_LOSSES,
     TaskSpec,
@@ -68,7 +66,8 @@ from stillroom.objective import (
     tapped_layers,
     with_temperature,
 )
-from stillroom.runs import gap_closed, prepare_run_dir
+from stillroom.results import ModelResult, Summary, write_summary
+from stillroom.runs import gap_closed, is_complete, mark_complete, prepare_run_dir
 from stillroom.train import TrainArgs, evaluate, predict
 from stillroom.train.evaluate import METRICS
 
@@ -389,8 +388,8 @@ def run_multitask(
         train: MultiTaskData,
         args: TrainArgs,
     ) -> nn.Module:
-        if resume and (run_dir / name / "model.json").is_file():
-            # a finished phase (save_model writes model.json last): load it, do not touch it
+        if resume and is_complete(run_dir / name):
+            # a finished phase: load it, do not touch it
             return load_model(run_dir / name)[0]
         result = distill_multitask(
             source,
@@ -410,6 +409,7 @@ def run_multitask(
             input_shape=list(input_shape),
             num_outputs=total_outputs(spec_heads(spec)),
         )
+        mark_complete(run_dir / name)
         return result.student
 
     # 1. the teacher: loaded, or trained on every label of every task (it stands for the big model
@@ -511,7 +511,7 @@ def _write_results(
         "models": result.rows,
     }
     atomic_write_json(result.run_dir / "results.json", payload)
-    atomic_write_text(result.run_dir / "results.md", results_markdown(result) + "\n")
+    write_summary(summarize(result), result.run_dir)
 
 
 STANDARDISED = (
@@ -520,8 +520,39 @@ STANDARDISED = (
 )
 
 
-def _task_columns(result: MultiTaskResult) -> list[str]:
-    return [f"{task}/{metric}" for task, metric in result.metrics.items()]
+def summarize(result: MultiTaskResult) -> Summary:
+    """One row per model, one metric column per task (and the teacher agreement per class task)."""
+    columns = [f"{task}/{metric}" for task, metric in result.metrics.items()]
+    roles = {"teacher": "teacher", "student_scratch": "baseline", "student_kd": "distilled"}
+    models = [
+        ModelResult(
+            name=name,
+            role=roles[name],  # type: ignore[arg-type]
+            metrics={key: row.get(key) for key in columns}
+            | {k: v for k, v in row.items() if k.endswith("/teacher_agreement")},
+            folder=name,
+            parameters=row["parameters"],
+            size_bytes=row["size_bytes"],
+            latency_ms=row["latency_ms"],
+            teacher="teacher" if name == "student_kd" else "",
+        )
+        for name, row in result.rows.items()
+    ]
+    first_task = next(iter(result.metrics))
+    notes = _gap_lines(result)
+    if "regression" in result.tasks.values():
+        notes.append(STANDARDISED)
+    return Summary(
+        method="multitask",
+        title=f"multi-task distillation: test metric per task ({result.run_dir.name})",
+        task="multitask",
+        metric=columns[0],
+        higher_is_better=METRICS[result.tasks[first_task]][1] == "max",
+        models=models,
+        settings={"tasks": dict(result.tasks)},
+        notes=notes,
+        primary="student_kd",
+    )
 
 
 def _gap_lines(result: MultiTaskResult) -> list[str]:
@@ -532,49 +563,3 @@ def _gap_lines(result: MultiTaskResult) -> list[str]:
             f"gap closed on {task} ({result.metrics[task]}) = (kd - scratch) / (teacher - scratch) = {value}"
         )
     return lines
-
-
-def results_markdown(result: MultiTaskResult) -> str:
-    """Every model's test metric per task, its costs, and the gap closed per task."""
-    columns = _task_columns(result)
-    agreement = [f"{t}/teacher_agreement" for t, k in result.tasks.items() if k == "classification"]
-    header = [
-        "model",
-        *(f"test {c}" for c in columns),
-        "parameters",
-        "size on disk",
-        "CPU latency (batch 1)",
-    ]
-    header += [f"{c.split('/')[0]} agreement with teacher" for c in agreement]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for role, row in result.rows.items():
-        cells = [role, *(f"{row[c]:.4f}" for c in columns), f"{row['parameters']:,}"]
-        cells += [format_bytes(row["size_bytes"]), f"{row['latency_ms']:.3f} ms"]
-        cells += [f"{row[c]:.3f}" if c in row else "-" for c in agreement]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", *_gap_lines(result)]
-    if "regression" in result.tasks.values():
-        lines.append(STANDARDISED)
-    return "\n".join(lines)
-
-
-def show(result: MultiTaskResult, title: str) -> Table:
-    """The results table for the terminal: one column per task metric."""
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("model", no_wrap=True)
-    columns = _task_columns(result)
-    for column in (*columns, "params", "size", "latency"):
-        table.add_column(column, justify="right", no_wrap=True)
-    for role, row in result.rows.items():
-        table.add_row(
-            role,
-            *(f"{row[c]:.4f}" for c in columns),
-            f"{row['parameters']:,}",
-            format_bytes(row["size_bytes"]),
-            f"{row['latency_ms']:.3f} ms",
-        )
-    lines = ["test split; latency: CPU, batch 1, median", *_gap_lines(result)]
-    if "regression" in result.tasks.values():
-        lines.append(STANDARDISED)
-    table.caption = "\n".join(lines)
-    return table

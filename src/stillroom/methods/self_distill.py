@@ -33,22 +33,21 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-from rich import box
-from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from stillroom.config import Recipe, TrainSection
 from stillroom.data import labelled_only, make_loader
 from stillroom.errors import StillroomError
-from stillroom.io import atomic_write_json, atomic_write_text
+from stillroom.io import atomic_write_json
 from stillroom.losses.features import make_projector
-from stillroom.measure import format_bytes, latency_ms
+from stillroom.measure import latency_ms
 from stillroom.models import count_parameters, load_model, save_model
 from stillroom.models.multiexit import FINAL, MultiExitResNet, exit_model, exit_names
 from stillroom.objective import TermSpec
 from stillroom.pipeline import build_seeded, prepare_data, train_phase
-from stillroom.runs import prepare_run_dir
+from stillroom.results import ModelResult, Summary, write_summary
+from stillroom.runs import is_complete, mark_complete, prepare_run_dir
 from stillroom.taps import feature_shapes
 from stillroom.train import DistillResult, TrainArgs, distill, evaluate
 
@@ -384,7 +383,7 @@ def run_self_distill(
     trained: dict[str, MultiExitResNet] = {}
     for phase, loss in networks.items():
         folder = run_dir / phase
-        if resume and (folder / "model.json").is_file():
+        if resume and is_complete(folder):
             trained[phase] = load_model(folder)[0]
             continue
         data = student_train if phase == "self_distilled" else labelled_only(student_train)
@@ -411,6 +410,7 @@ def run_self_distill(
                 **meta,
             )
         save_model(result.student, section.spec(), folder, **meta)
+        mark_complete(folder)
         trained[phase] = result.student
 
     scratch = None
@@ -419,7 +419,7 @@ def run_self_distill(
         args = recipe.train_args(
             recipe.distill, "classification", alpha=0.0, progress=progress, description="scratch"
         )
-        if resume and (run_dir / "scratch" / "model.json").is_file():
+        if resume and is_complete(run_dir / "scratch"):
             scratch = load_model(run_dir / "scratch")[0]
         else:
             scratch = train_phase(
@@ -455,7 +455,9 @@ def run_self_distill(
         accuracy = evaluate(scratch, test, "classification")["accuracy"]
         scratch_row = {"accuracy": accuracy, "parameters": count_parameters(scratch)}
     result = SelfDistillResult(run_dir, "accuracy", exits, scratch_row, settings)
-    _write_results(result, len(splits.test), count_parameters(trained["self_distilled"]))
+    _write_results(
+        result, len(splits.test), count_parameters(trained["self_distilled"]), section.select
+    )
     return result
 
 
@@ -472,7 +474,9 @@ def interleaved_latency(
     return {name: statistics.median(values) for name, values in seen.items()}
 
 
-def _write_results(result: SelfDistillResult, test_samples: int, full_parameters: int) -> None:
+def _write_results(
+    result: SelfDistillResult, test_samples: int, full_parameters: int, select: str
+) -> None:
     payload = {
         "task": "classification",
         "metric": result.metric,
@@ -483,66 +487,52 @@ def _write_results(result: SelfDistillResult, test_samples: int, full_parameters
         "scratch": result.scratch,
     }
     atomic_write_json(result.run_dir / "results.json", payload)
-    atomic_write_text(result.run_dir / "results.md", results_table(result) + "\n")
+    write_summary(summarize(result, select), result.run_dir)
 
 
-HEADERS = (
-    "exit",
-    "self-distilled",
-    "deeply supervised",
-    "plain network, scratch",
-    "parameters",
-    "size",
-    "CPU latency",
-)
-
-
-def _rows(result: SelfDistillResult, compact: bool = False) -> list[list[str]]:
-    """Table cells per exit (the scratch network beside the final exit, its architecture);
-    `compact` drops the parameters' share of the final exit's."""
-    final = result.exits[FINAL]["parameters"]
-    scratch = {FINAL: result.scratch["accuracy"]} if result.scratch is not None else {}
-    return [
-        [
-            name,
-            *(
-                f"{row[k]:.4f}" if k in row else "-"
-                for k in ("self_distilled", "deeply_supervised")
-            ),
-            f"{scratch[name]:.4f}" if name in scratch else "-",
-            f"{row['parameters']:,}" + ("" if compact else f" ({row['parameters'] / final:.0%})"),
-            format_bytes(row["size_bytes"]),
-            f"{row['latency_ms']:.3f} ms",
-        ]
+def summarize(result: SelfDistillResult, select: str = FINAL) -> Summary:
+    """One row per exit of the self-distilled network (its deeply supervised twin's accuracy
+    beside it), then the plain network trained from labels alone."""
+    models = [
+        ModelResult(
+            name=name,
+            role="exit",
+            metrics={
+                "accuracy": row.get("self_distilled"),
+                "deeply_supervised_accuracy": row.get("deeply_supervised"),
+            },
+            folder=f"self_distilled/exits/{name}",
+            parameters=row["parameters"],
+            size_bytes=row["size_bytes"],
+            latency_ms=row["latency_ms"],
+            teacher=FINAL if name != FINAL else "",
+        )
         for name, row in result.exits.items()
     ]
-
-
-def _caption(result: SelfDistillResult) -> str:
+    if result.scratch is not None:
+        models.append(
+            ModelResult(
+                name="plain_scratch",
+                role="baseline",
+                metrics={"accuracy": result.scratch["accuracy"]},
+                folder="scratch",
+                parameters=result.scratch["parameters"],
+                architecture=f"the {FINAL} exit's network, no exits",
+            )
+        )
     s = result.settings
-    return (
-        f"test accuracy of each exit run alone (the network up to it); alpha {s['alpha']}, "
-        f"T {s['temperature']}, feature_weight {s['feature_weight']} ({s['hint_at']})\n"
-        "deeply supervised: CE on every exit, no distillation; plain network: no exits, the "
-        "final exit's architecture; latency: CPU, batch 1, median"
+    return Summary(
+        method="self_distill",
+        title=f"self-distillation: test accuracy of each exit run alone ({result.run_dir.name})",
+        task="classification",
+        metric="accuracy",
+        higher_is_better=True,
+        models=models,
+        settings=s,
+        notes=[
+            f"alpha {s.get('alpha')}, T {s.get('temperature')}, feature_weight "
+            f"{s.get('feature_weight')} ({s.get('hint_at')}); deeply supervised: CE on every "
+            "exit, no distillation; plain_scratch: no exits, trained on labels alone"
+        ],
+        primary=select,
     )
-
-
-def results_table(result: SelfDistillResult) -> str:
-    """Markdown: one row per exit."""
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in _rows(result)]
-    return "\n".join([*lines, "", _caption(result)])
-
-
-def show(result: SelfDistillResult, title: str) -> Table:
-    """The per-exit table for the terminal."""
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    table.add_column("exit", no_wrap=True)
-    headers = ("self-\ndistilled", "deeply\nsupervised", "plain,\nscratch", "params", "size")
-    for header in (*headers, "latency"):
-        table.add_column(header, justify="right", no_wrap=True)
-    for cells in _rows(result, compact=True):
-        table.add_row(*cells)
-    table.caption = _caption(result)
-    return table

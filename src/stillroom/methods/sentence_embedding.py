@@ -31,13 +31,11 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
-from rich import box
-from rich.table import Table
 from safetensors.torch import load_file
 
 from stillroom.config import TrainSection
 from stillroom.errors import StillroomError
-from stillroom.io import atomic_save_tensors, atomic_write_json, atomic_write_text
+from stillroom.io import atomic_save_tensors, atomic_write_json
 from stillroom.llm.embedding import (
     PackedEncoder,
     PackedStoreTeacher,
@@ -52,19 +50,19 @@ from stillroom.llm.embedding import (
 from stillroom.llm.encoder import reduce_layers, text_loader, tokenize
 from stillroom.llm.hub import load_tokenizer
 from stillroom.llm.sentences import SentenceCorpus, load_corpus, split_documents
+from stillroom.measure import weights_bytes
 from stillroom.methods.encoder import (
     ReducedStudentSection,
     TextTeacherSection,
     _Section,
-    is_done,
     load_text_teacher,
-    mark_done,
     protected_paths,
     resolve_model_path,
     train_args,
 )
 from stillroom.objective import TermSpec
-from stillroom.runs import check_run_dir_free, prepare_run_dir
+from stillroom.results import ModelResult, Summary, write_summary
+from stillroom.runs import check_run_dir_free, is_complete, mark_complete, prepare_run_dir
 from stillroom.store import cache_teacher
 from stillroom.train import distill
 
@@ -331,7 +329,7 @@ def run_sentence_embedding(
         targets = {s: encode(prepared.teacher, prepared.inputs[s]) for s in ("val", "test")}
         atomic_save_tensors(targets, held_out)
     student_dir = run_dir / "student"
-    if is_done(student_dir):
+    if is_complete(student_dir):
         student = load_sentence_encoder(student_dir)
     else:
         student = train_student(
@@ -345,7 +343,7 @@ def run_sentence_embedding(
             progress=progress,
         )
         student.save(student_dir, prepared.tokenizer)
-        mark_done(student_dir)
+        mark_complete(student_dir)
     truncated = build_student(prepared.teacher, recipe.student)
     rows = measure(
         {"teacher": prepared.teacher, "student_truncated": truncated, "student_kd": student},
@@ -361,7 +359,7 @@ def run_sentence_embedding(
         "models": rows,
     }
     atomic_write_json(run_dir / "results.json", payload)
-    atomic_write_text(run_dir / "results.md", results_markdown(payload) + "\n")
+    write_summary(summarize(payload, run_dir), run_dir)
     return payload
 
 
@@ -373,57 +371,45 @@ COLUMNS = (
 )
 
 
-def results_markdown(payload: dict[str, Any]) -> str:
+FOLDERS = {"student_kd": "student"}
+"""The saved models of the run folder (the teacher is read from its own folder, the truncated
+student is rebuilt from it)."""
+
+
+def summarize(payload: dict[str, Any], run_dir: Path) -> Summary:
+    """The teacher, the untrained truncated student (the baseline) and the distilled one, by
+    their agreement with the teacher's embeddings and a linear probe."""
     rows = payload["models"]
     recall = next(k for k in next(iter(rows.values())) if k.startswith("recall@"))
-    headers = ["model", "layers", *(label for _, label in COLUMNS), recall, "parameters"]
-    headers += ["sentences/s (1 thread, batch 32)", "speed-up"]
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for role, row in rows.items():
-        cells = [role, str(row["layers"])]
-        cells += [f"{row[key]:.4f}" if key in row else "-" for key, _ in COLUMNS]
-        cells += [f"{row[recall]:.4f}", f"{row['parameters']:,}"]
-        cells += [f"{row['sentences_per_s']:.1f}", f"{row['speedup']:.2f}x"]
-        lines.append("| " + " | ".join(cells) + " |")
-    sizes = payload["sentences"]
-    lines += [
-        "",
-        f"keep = {payload['keep']}; test sentences {sizes['test']} from held-out documents; "
-        f"{payload['sentences_truncated']} sentences truncated to {payload['max_length']} tokens",
-    ]
-    return "\n".join(lines)
-
-
-def show(result: dict[str, Any], title: str) -> Table:
-    """The sentence-embedding table for the terminal."""
-    rows = result["models"]
-    recall = next(k for k in next(iter(rows.values())) if k.startswith("recall@"))
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
-    headers = (
-        "model",
-        "layers",
-        "spearman",
-        "cosine",
-        "top-1",
-        recall,
-        "probe",
-        "sent/s",
-        "speed-up",
-    )
-    for header in headers:
-        table.add_column(header, justify="left" if header == "model" else "right")
-    for role, row in rows.items():
-        table.add_row(
-            role,
-            str(row["layers"]),
-            *(
-                f"{row[k]:.3f}" if k in row else "-"
-                for k in ("similarity_spearman", "cosine", "top1", recall, "probe_accuracy")
-            ),
-            f"{row['sentences_per_s']:.0f}",
-            f"{row['speedup']:.2f}x",
+    roles = {"teacher": "teacher", "student_truncated": "baseline", "student_kd": "distilled"}
+    keys = [key for key, _ in COLUMNS] + [recall, "sentences_per_s", "speedup"]
+    models = [
+        ModelResult(
+            name=name,
+            role=roles[name],  # type: ignore[arg-type]
+            metrics={key: row.get(key) for key in keys},
+            folder=FOLDERS.get(name),
+            parameters=row["parameters"],
+            size_bytes=weights_bytes(run_dir / FOLDERS[name]) if name in FOLDERS else None,
+            architecture=f"{row['layers']} layers",
+            teacher="teacher" if name == "student_kd" else "",
         )
-    table.caption = (
-        "agreement with the teacher on held-out sentences; throughput 1 thread, batch 32"
+        for name, row in rows.items()
+    ]
+    sizes = payload["sentences"]
+    return Summary(
+        method="sentence_embedding",
+        title=f"sentence-embedding distillation: agreement with the teacher ({run_dir.name})",
+        task="embedding",
+        metric=COLUMNS[0][0],
+        higher_is_better=True,
+        models=models,
+        settings={"keep": payload["keep"], "max_length": payload["max_length"]},
+        notes=[
+            "; ".join(f"{key}: {label}" for key, label in COLUMNS),
+            f"test sentences {sizes['test']} from held-out documents; "
+            f"{payload['sentences_truncated']} truncated to {payload['max_length']} tokens; "
+            "sentences_per_s: 1 thread, batch 32",
+        ],
+        primary="student_kd",
     )
-    return table

@@ -41,6 +41,8 @@ from stillroom.report.numbers import (
     torch_costs,
     torch_threads,
 )
+from stillroom.report.summary_report import write_summary_report
+from stillroom.results import SUMMARY, read_summary
 from stillroom.runs import gap_closed, read_marker, write_marker
 from stillroom.train.evaluate import METRICS
 
@@ -63,10 +65,30 @@ NOTES = {
 
 
 def build_report(run_dir: Path, out_dir: Path | None = None, timing: Timing = TIMING) -> Path:
-    """Write the compression report of `run_dir` into `out_dir` (default RUN_DIR/report) and
-    return the path of report.html. Files of an earlier report there are replaced."""
-    run = open_run(Path(run_dir), required=("teacher", "student_kd"))
-    out = Path(out_dir) if out_dir is not None else run.path / "report"
+    """Write the report of `run_dir` into `out_dir` (default RUN_DIR/report) and return the path
+    of report.html. Files of an earlier report there are replaced. A classic run is measured
+    again on this machine; any other method's run is reported from its summary.json."""
+    run_dir = Path(run_dir)
+    summary = read_summary(run_dir) if (run_dir / SUMMARY).is_file() else None
+    if summary is not None and summary.method != "classic":
+        out = _report_folder(run_dir, out_dir)
+        return write_summary_report(run_dir, out, summary)
+    run = open_run(run_dir, required=("teacher", "student_kd"))
+    out = _report_folder(run.path, out_dir)
+    with torch_threads(timing.threads):
+        numbers = measure_run(run, timing)
+    if summary is not None:
+        numbers["settings"], numbers["notes"] = summary.settings, summary.notes
+    figures = write_figures(numbers, out)
+    numbers["figures"] = {name: path.name for name, path in figures.items()}
+    atomic_write_json(out / "report.json", numbers)
+    atomic_write_text(out / "report.html", render_html(numbers, figures))
+    return out / "report.html"
+
+
+def _report_folder(run_dir: Path, out_dir: Path | None) -> Path:
+    """The report folder, marked as ours before anything is drawn into it."""
+    out = Path(out_dir) if out_dir is not None else run_dir / "report"
     if out.exists() and not out.is_dir():
         raise StillroomError(f"{out} is a file; choose a folder for the report with --out")
     earlier = (out / "report.json").is_file() or (read_marker(out) or {}).get("kind") == "report"
@@ -78,13 +100,7 @@ def build_report(run_dir: Path, out_dir: Path | None = None, timing: Timing = TI
         )
     out.mkdir(parents=True, exist_ok=True)
     write_marker(out, "report")  # first: a report killed after its first figure is still ours
-    with torch_threads(timing.threads):
-        numbers = measure_run(run, timing)
-    figures = write_figures(numbers, out)
-    numbers["figures"] = {name: path.name for name, path in figures.items()}
-    atomic_write_json(out / "report.json", numbers)
-    atomic_write_text(out / "report.html", render_html(numbers, figures))
-    return out / "report.html"
+    return out
 
 
 def measure_run(run: RunFolder, timing: Timing) -> dict[str, Any]:

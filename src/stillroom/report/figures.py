@@ -145,16 +145,20 @@ def curves(numbers: dict[str, Any]) -> plt.Figure:
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys, strict=False):
-        for role, log in series.items():
-            if key not in log:
+        for index, (role, log) in enumerate(series.items()):
+            # a model without the term logs zeros for it: no line, rather than a flat one at 0
+            if key not in log or all(v in (None, 0) for v in log[key]):
                 continue
             values = [np.nan if v is None else v for v in log[key]]
-            ax.plot(log["epoch"], values, marker=".", color=COLORS[role], label=LABELS[role])
+            color = COLORS.get(role, f"C{index % 10}")
+            ax.plot(log["epoch"], values, marker=".", color=color, label=LABELS.get(role, role))
         ax.set(title=key, xlabel="epoch")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(keys) :]:
         ax.set_axis_off()
-    axes.flat[0].legend(fontsize=8)
+    drawn = [ax for ax in axes.flat if ax.lines]
+    if drawn:
+        drawn[0].legend(fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from stillroom.measure import format_bytes
 from stillroom.report.figures import LABELS
+from stillroom.results import gap_note
 
 CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto;
@@ -61,6 +62,7 @@ def render_html(numbers: dict[str, Any], figures: dict[str, Path]) -> str:
         "<h2>Costs on this machine</h2>",
         _costs_table(numbers),
         f'<p class="meta">{_e(numbers["exports_note"])}</p>',
+        *_settings(numbers),
         "<h2>Figures</h2>",
     ]
     for name, path in figures.items():
@@ -108,6 +110,12 @@ def headline(numbers: dict[str, Any]) -> str:
             f"; the same student trained on labels alone reaches {scratch:.4f}, so distillation "
             f"closes {numbers['gap_closed']:.2f} of the gap"
         )
+    elif "student_scratch" in numbers["models"]:
+        scratch = numbers["models"]["student_scratch"][metric]
+        text += (
+            f"; the same student trained on labels alone reaches {scratch:.4f}, as good as or "
+            "better than the teacher, so there is no gap for distillation to close"
+        )
     return text + "."
 
 
@@ -123,11 +131,14 @@ def _quality_table(numbers: dict[str, Any]) -> str:
         if classification:
             cells += [_num(row.get("teacher_agreement"), ".4f"), _num(row.get("ece"), ".4f")]
         rows.append((name, cells))
-    gap = numbers["gap_closed"]
-    foot = (
-        f"gap closed = (kd - scratch) / (teacher - scratch) = {gap:.3f}"
-        if gap is not None
-        else "gap closed: n/a (no scratch student in this run, or teacher and scratch tie)"
+    models = numbers["models"]
+    value = {name: models[name][metric] if name in models else None for name in LABELS}
+    _, foot = gap_note(
+        value["teacher"],
+        value["student_scratch"],
+        value["student_kd"],
+        metric,
+        numbers["higher_is_better"],
     )
     return _table(head, rows) + f'<p class="meta">{_e(foot)}</p>'
 
@@ -154,13 +165,29 @@ def _costs_table(numbers: dict[str, Any]) -> str:
             f"{row['parameters']:,}",
             format_bytes(row["size_bytes"]),
             "n/a" if memory is None else format_bytes(memory),
-            f"{one['p50_ms']:.3f} / {one['p95_ms']:.3f} ms",
-            f"{big['p50_ms']:.2f} / {big['p95_ms']:.2f} ms",
+            _latency(one, 3),
+            _latency(big, 2),
             f"{row[f'throughput_batch_{large}_per_s']:,.0f} /s",
             f"{speed['batch_1']:.1f}x / {speed[f'batch_{large}']:.1f}x",
         ]
         rows.append((name, cells))
     return _table(head, rows)
+
+
+def _settings(numbers: dict[str, Any]) -> list[str]:
+    """What produced these models (the run's summary.json): data, T, alpha, epochs, architectures."""
+    settings = numbers.get("settings") or {}
+    if not settings:
+        return []
+    items = [f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in settings.items()]
+    return ["<h2>Settings</h2><dl>", *items, "</dl>"]
+
+
+def _latency(row: dict[str, Any], ndigits: int) -> str:
+    """p50 / p95, flagged when the p95 is over 3x the p50: the machine was busy while timing."""
+    p50, p95 = row["p50_ms"], row["p95_ms"]
+    flag = " (noisy: p95 > 3x p50)" if p95 > 3 * p50 else ""
+    return f"{p50:.{ndigits}f} / {p95:.{ndigits}f} ms{flag}"
 
 
 def _table(head: list[str], rows: list[tuple[str, list[str]]]) -> str:
