@@ -10,7 +10,8 @@ of a self-distilled network): a term then names the output it reads (`output`), 
 "teacher" side from the student itself (`source="student"`, detached), which is how shallow exits
 learn from the deepest one. Learned parts (FitNets projectors) live in `ObjectiveStudent`, trained
 with the student and never part of the saved student; a term with a critic (the adversarial
-discriminator) brings its own module, trained by the loop in alternation with the student.
+discriminator) brings its own module, trained in alternation with the student
+(stillroom.train.critics: one call per batch in the loop).
 
 Each kind's parameters are its own spec class (SoftTargetSpec, HintSpec, DkdSpec, ...: validated
 pydantic dataclasses over a common TermSpec), and a recipe's `distill.terms` entries are parsed

@@ -137,11 +137,12 @@ class Term:
     student_layers: tuple[str, ...] = ()
     teacher_layers: tuple[str, ...] = ()
     projector: nn.Module | None = None
-    # a second player trained in alternation (the adversarial discriminator):
-    # critic_compute(step with the student detached) -> (critic loss, critic accuracy)
+    # a second player trained in alternation (the adversarial discriminator), by
+    # stillroom.train.critics.Critics: critic_compute(step with the student detached) ->
+    # (critic loss, critic accuracy), at critic_lr (set with the critic, from the spec)
     critic: nn.Module | None = None
     critic_compute: Callable[[StepOutputs], tuple[torch.Tensor, torch.Tensor]] | None = None
-    critic_lr: float = 1e-3
+    critic_lr: float | None = None
 
 
 @dataclass
