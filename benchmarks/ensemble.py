@@ -28,8 +28,8 @@ import torch
 from common import machine, mean_std
 from stillroom.config import Recipe
 from stillroom.methods import load_method_recipe
-from stillroom.methods.ensemble import EnsembleRecipe, run_ensemble
 from stillroom.methods.classic import run_recipe
+from stillroom.methods.ensemble import EnsembleRecipe, run_ensemble
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "digits_ensemble.yaml"
 VARIANTS = {  # name -> overrides of a run whose members are loaded from the first run

@@ -311,7 +311,12 @@ def test_cli_runs_the_tiny_recipe_and_its_numbers_hold(tmp_path: Path) -> None:
         assert row["tokens_per_second"] > 0
     assert 0 <= rows["student_kd"]["teacher_agreement"] <= 1
     assert rows["student_kd"]["parameters"] < rows["teacher"]["parameters"]
-    assert "| student_kd |" in (run / "results.md").read_text()
+    assert "| student_kd | distilled |" in (run / "results.md").read_text()
+    # the result contract: the report reads it (a transformers run is reported, not re-measured)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["metric"] == "perplexity" and summary["higher_is_better"] is False
+    assert summary["primary"] == "student_kd"
+    assert "student_kd" in (run / "report" / "report.html").read_text()
     # the saved Hugging Face student reproduces its published perplexity on the same test blocks
     recipe = load_method_recipe(run / "config.yaml")[1]
     tokenizer = train_tokenizer([SONNETS[: int(len(SONNETS) * 0.8)]], 96)

@@ -1,6 +1,7 @@
 """`export_path`: whatever `stillroom export PATH` is given, one of
 
 export_run                  a classic run folder's distilled student, checked on its test split
+(another method's run)      the student its summary.json names (`primary`), as the folder below
 export_model_folder         any model folder stillroom saved (model.json: a student of any method)
 export_transformers_folder  a transformers folder (config.json: encoder / causal LM students)
 """
@@ -21,6 +22,7 @@ from stillroom.export.transformers_folder import (
     is_transformers_folder,
 )
 from stillroom.models import in_user_units, load_model
+from stillroom.results import SUMMARY, Summary, read_summary
 
 CHECK_SAMPLES = 256
 
@@ -41,6 +43,10 @@ def export_path(
     if is_transformers_folder(path):
         chosen = formats or TRANSFORMERS_FORMATS
         return "transformers", export_transformers_folder(path, out_dir, chosen, int8, force)
+    if (path / SUMMARY).is_file() and (summary := read_summary(path)).method != "classic":
+        # another method's run: its summary names the student to ship
+        folder = _primary_folder(path, summary)
+        return export_path(folder, out_dir or path / "export", formats, int8, force)
     if (
         path.is_dir()
         and not (path / "config.yaml").is_file()
@@ -52,6 +58,17 @@ def export_path(
             "model.safetensors); give the folder `stillroom distill` wrote, or one of its students"
         )
     return "run", export_run(path, out_dir, int8, force, formats=formats or tuple(FORMATS))
+
+
+def _primary_folder(run_dir: Path, summary: Summary) -> Path:
+    row = summary.model(summary.primary) if summary.primary else None
+    if row is None or row.folder is None:
+        saved = ", ".join(f"{run_dir / m.folder}" for m in summary.models if m.folder)
+        raise StillroomError(
+            f"{run_dir} ({summary.method}) names no saved student to export; export one of its "
+            f"model folders: {saved or 'none saved'}"
+        )
+    return run_dir / row.folder
 
 
 def export_run(

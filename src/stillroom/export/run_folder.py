@@ -70,10 +70,12 @@ def open_run(run_dir: Path, required: tuple[str, ...] = ("student_kd",)) -> RunF
         )
     method = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("method", "classic")
     if method != "classic":
+        # a finished run of another method is read from its summary.json (export/run.py,
+        # report/build.py); without one it has not finished
         raise StillroomError(
-            f"{run_dir} is a '{method}' run; export and report take classic runs (teacher -> "
-            "student_scratch / student_kd). Its students are model folders (model.json + "
-            f"model.safetensors) inside it: export one with `stillroom export {run_dir}/<folder>`"
+            f"{run_dir} is a '{method}' run that has not finished (no summary.json); rerun it "
+            f"with `stillroom distill {run_dir}/config.yaml --out {run_dir} --resume`, or export "
+            f"one of its model folders: `stillroom export {run_dir}/<folder>`"
         )
     roles = tuple(role for role in ROLES if (run_dir / role / "model.json").is_file())
     missing = [role for role in required if role not in roles]

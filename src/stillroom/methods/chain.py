@@ -60,7 +60,6 @@ def failing_stage(stage: str, run_dir: Path | None, kept: str) -> Iterator[None]
         raise
 
 
-
 def agreement(outputs: torch.Tensor, reference: torch.Tensor) -> float:
     """Share of samples on which two classifiers pick the same class; both (N, C)."""
     return (outputs.argmax(1) == reference.argmax(1)).float().mean().item()
