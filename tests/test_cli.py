@@ -73,6 +73,12 @@ def test_distill_writes_a_complete_run_folder(few_label_run) -> None:
     assert summary["method"] == "classic" and summary["primary"] == "student_kd"
     assert [m["role"] for m in summary["models"]] == ["teacher", "baseline", "distilled"]
     assert "T 4.0" in summary["settings"]["distillation"]
+    # one latency per model: the table shows the report's measurement
+    report = json.loads((out / "report" / "report.json").read_text())
+    for model in summary["models"]:
+        measured = report["models"][model["name"]]["latency_batch_1"]["p50_ms"]
+        assert model["latency_ms"] == measured
+        assert f"{measured:.3f} ms" in (out / "results.md").read_text()
     assert str(out / "results.md") in " ".join(result.stdout.split())
     # the run ends with the compression report's path
     assert result.stdout.strip().splitlines()[-1] == f"report: {out / 'report' / 'report.html'}"

@@ -62,9 +62,14 @@ def run_demo(
         }
     )
     results["few_labels"] = run_recipe(few, run_dir / "few_labels", progress=progress)
+    write_demo_md(run_dir)
+    return DemoResult(run_dir, results)
+
+
+def write_demo_md(run_dir: Path) -> None:
+    """demo.md: both settings' tables (rewritten after the reports, whose latency they show)."""
     tables = [markdown_table(summary) for summary in demo_summaries(run_dir).values()]
     atomic_write_text(run_dir / "demo.md", "# stillroom demo\n\n" + "\n\n".join(tables) + "\n")
-    return DemoResult(run_dir, results)
 
 
 TITLES = {
