@@ -45,8 +45,10 @@ def stillroom_in_process(*args: str | Path) -> subprocess.CompletedProcess[str]:
     import contextlib
     import io
 
+    from stillroom import models
     from stillroom.cli import main
 
+    allowed = set(models._ALLOWED_FACTORIES)  # what a process would forget when it exits
     out, err, code = io.StringIO(), io.StringIO(), 0
     argv = ["stillroom", *map(str, args)]
     with (
@@ -61,4 +63,6 @@ def stillroom_in_process(*args: str | Path) -> subprocess.CompletedProcess[str]:
             code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
         finally:
             sys.argv = old_argv
+            models._ALLOWED_FACTORIES.clear()
+            models._ALLOWED_FACTORIES.update(allowed)
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())

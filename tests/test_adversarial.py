@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import stillroom.train.loop as loop
-from helpers import ROOT, assert_user_error, stillroom
+from helpers import ROOT, assert_user_error, stillroom_in_process
 from stillroom.data import Splits, make_loader
 from stillroom.errors import StillroomError
 from stillroom.losses.adversarial import (
@@ -301,7 +301,7 @@ TINY = [
 
 def test_cli_runs_the_adversarial_recipe(tmp_path: Path):
     out = tmp_path / "run"
-    result = stillroom(
+    result = stillroom_in_process(
         "distill",
         RECIPE,
         *TINY,
@@ -331,7 +331,7 @@ def test_cli_runs_the_adversarial_recipe(tmp_path: Path):
 
 
 def test_cli_refuses_an_adversarial_term_naming_one_layer(tmp_path: Path):
-    result = stillroom(
+    result = stillroom_in_process(
         "distill",
         RECIPE,
         "distill.terms=[{kind: adversarial, student: net.1}]",
@@ -347,7 +347,7 @@ def shape_mismatch(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("adversarial") / "run"
     # student net.1 is (N, 8), the teacher's head.1 (N, 16)
     term = "distill.terms=[{kind: adversarial, student: net.1, teacher: head.1}]"
-    return out, stillroom("distill", RECIPE, *TINY, term, "baseline=false", "--out", out)
+    return out, stillroom_in_process("distill", RECIPE, *TINY, term, "baseline=false", "--out", out)
 
 
 def test_cli_refuses_adversarial_layers_of_different_shapes(shape_mismatch):

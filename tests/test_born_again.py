@@ -11,7 +11,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from helpers import assert_user_error, stillroom, tree_digest
+from helpers import assert_user_error, stillroom_in_process, tree_digest
 from stillroom.data import make_loader
 from stillroom.errors import StillroomError
 from stillroom.methods import METHODS, load_method_recipe
@@ -115,7 +115,9 @@ def test_cached_targets_train_like_the_live_teacher(loaders, make_mlp) -> None:
 def test_cli_chain_fails_mid_way_then_resumes(tmp_path: Path) -> None:
     run_dir = tmp_path / "chain"
     recipe = RECIPES / "digits_born_again.yaml"
-    failed = stillroom("distill", recipe, *TINY, BROKEN, "--out", run_dir, "--no-progress")
+    failed = stillroom_in_process(
+        "distill", recipe, *TINY, BROKEN, "--out", run_dir, "--no-progress"
+    )
     assert_user_error(failed, "generation 2 failed: loss term")
     assert "generations 0-1 are complete" in failed.stderr and "--resume" in failed.stderr
     assert is_complete(run_dir / "gen-0") and is_complete(run_dir / "gen-1")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, stillroom
+from helpers import ROOT, stillroom_in_process
 from stillroom.cli import main
 from stillroom.config import load_recipe
 from stillroom.models import build_model, load_model, save_model
@@ -51,7 +51,7 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_cache_writes_a_store_of_the_training_split(tmp_path: Path, teacher_dir: Path) -> None:
     out = tmp_path / "store"
     override = f"teacher.checkpoint={teacher_dir}"
-    result = stillroom(
+    result = stillroom_in_process(
         "cache", RECIPE, override, "--out", out, "--shard-size", "500", "--no-progress"
     )
     assert result.returncode == 0, result.stderr
@@ -113,7 +113,7 @@ def test_cache_top_k_with_features(monkeypatch, capsys, tmp_path: Path, teacher_
 
 
 def test_missing_teacher_checkpoint_in_a_real_process(tmp_path: Path) -> None:
-    result = stillroom("cache", RECIPE, "--out", tmp_path / "store")
+    result = stillroom_in_process("cache", RECIPE, "--out", tmp_path / "store")
     assert_one_line_error(
         result.returncode, result.stderr, "stillroom cache needs a trained teacher"
     )
@@ -186,12 +186,14 @@ def test_distill_reads_the_store(tmp_path: Path, teacher_dir: Path, top_k: int |
     override = f"teacher.checkpoint={teacher_dir}"
     extra = ["--top-k", str(top_k)] if top_k else ["--precision", "fp32"]
     assert (
-        stillroom("cache", RECIPE, override, "--out", store, *extra, "--no-progress").returncode
+        stillroom_in_process(
+            "cache", RECIPE, override, "--out", store, *extra, "--no-progress"
+        ).returncode
         == 0
     )
     loss = ["distill.loss=topk_soft_target"] if top_k else []
     out = tmp_path / "run"
-    result = stillroom(
+    result = stillroom_in_process(
         "distill",
         RECIPE,
         override,
@@ -215,7 +217,7 @@ def test_distill_reads_the_store(tmp_path: Path, teacher_dir: Path, top_k: int |
 def test_distill_refuses_a_store_of_another_teacher(tmp_path: Path, teacher_dir: Path) -> None:
     store = tmp_path / "store"
     assert (
-        stillroom(
+        stillroom_in_process(
             "cache", RECIPE, f"teacher.checkpoint={teacher_dir}", "--out", store, "--no-progress"
         ).returncode
         == 0
@@ -223,7 +225,7 @@ def test_distill_refuses_a_store_of_another_teacher(tmp_path: Path, teacher_dir:
     other = tmp_path / "other"
     torch.manual_seed(1)
     save_model(build_model(SPEC, (1, 8, 8), 10), SPEC, other, input_shape=[1, 8, 8], num_outputs=10)
-    result = stillroom(
+    result = stillroom_in_process(
         "distill",
         RECIPE,
         f"teacher.checkpoint={other}",

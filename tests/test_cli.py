@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import ROOT, assert_user_error, stillroom, tree_digest
+from helpers import ROOT, assert_user_error, stillroom, stillroom_in_process, tree_digest
 from stillroom.config import load_recipe
 from stillroom.data import make_loader
 from stillroom.models import build_model, count_parameters, load_model
@@ -34,7 +34,7 @@ def few_label_run(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[Path, subprocess.CompletedProcess[str]]:
     out = tmp_path_factory.mktemp("cli") / "run"
-    result = stillroom("distill", FEW_LABELS, *TINY, "--out", out, "--no-progress")
+    result = stillroom_in_process("distill", FEW_LABELS, *TINY, "--out", out, "--no-progress")
     assert result.returncode == 0, result.stderr
     return out, result
 
@@ -125,7 +125,7 @@ def test_default_student_is_at_least_10x_smaller() -> None:
 def test_existing_run_folder_is_never_overwritten(few_label_run) -> None:
     out, _ = few_label_run
     before = tree_digest(out)
-    result = stillroom("distill", FEW_LABELS, *TINY, "--out", out, "--no-progress")
+    result = stillroom_in_process("distill", FEW_LABELS, *TINY, "--out", out, "--no-progress")
     assert_user_error(result, "already exists; pass --resume to continue it, --force to replace it")
     assert tree_digest(out) == before
 
@@ -133,7 +133,7 @@ def test_existing_run_folder_is_never_overwritten(few_label_run) -> None:
 def test_resume_of_a_finished_run_changes_no_weights(few_label_run) -> None:
     out, _ = few_label_run
     weights = {r: (out / r / "model.safetensors").read_bytes() for r in ("teacher", "student_kd")}
-    result = stillroom(
+    result = stillroom_in_process(
         "distill", FEW_LABELS, *TINY, "--out", out, "--resume", "--no-progress", "--no-report"
     )
     assert result.returncode == 0, result.stderr
@@ -142,7 +142,9 @@ def test_resume_of_a_finished_run_changes_no_weights(few_label_run) -> None:
 
 def test_resume_with_another_recipe_is_refused(few_label_run) -> None:
     out, _ = few_label_run
-    result = stillroom("distill", FEW_LABELS, *TINY, "distill.alpha=0.5", "--out", out, "--resume")
+    result = stillroom_in_process(
+        "distill", FEW_LABELS, *TINY, "distill.alpha=0.5", "--out", out, "--resume"
+    )
     assert_user_error(result, "the recipe differs from the one")
 
 
@@ -150,14 +152,14 @@ def test_force_replaces_only_a_run_folder(tmp_path: Path) -> None:
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
-    result = stillroom("distill", FEW_LABELS, *TINY, "--out", precious, "--force")
+    result = stillroom_in_process("distill", FEW_LABELS, *TINY, "--out", precious, "--force")
     assert_user_error(result, "--force only replaces a folder stillroom wrote")
     assert (precious / "thesis.tex").read_text() == "years of work"
 
 
 def test_demo_runs_both_settings(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    result = stillroom("demo", *TINY, "--out", out, "--no-progress")
+    result = stillroom_in_process("demo", *TINY, "--out", out, "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "(a) all labels" in result.stdout and "(b) few labels" in result.stdout
     for setting in ("all_labels", "few_labels"):
@@ -179,8 +181,6 @@ def test_demo_runs_both_settings(tmp_path: Path) -> None:
 def test_version_and_flags_without_a_type() -> None:
     from importlib.metadata import version
 
-    from helpers import stillroom_in_process
-
     assert stillroom_in_process("--version").stdout == f"stillroom {version('stillroom')}\n"
     help_text = stillroom_in_process("distill", "--help").stdout
     assert "--force" in help_text and "<bool>" not in help_text.split("--help")[0]
@@ -189,7 +189,7 @@ def test_version_and_flags_without_a_type() -> None:
 def test_regression_recipe_runs(tmp_path: Path) -> None:
     out = tmp_path / "reg"
     recipe = ROOT / "recipes" / "diabetes_regression.yaml"
-    result = stillroom(
+    result = stillroom_in_process(
         "distill",
         recipe,
         "teacher.train.epochs=3",
@@ -234,7 +234,9 @@ def test_regression_recipe_runs(tmp_path: Path) -> None:
 )
 def test_bad_input_gets_one_clear_line(tmp_path: Path, args: list, fragment: str) -> None:
     result = (
-        stillroom(*args, "--out", tmp_path / "run") if args[0] == "distill" else stillroom(*args)
+        stillroom_in_process(*args, "--out", tmp_path / "run")
+        if args[0] == "distill"
+        else stillroom_in_process(*args)
     )
     assert_user_error(result, fragment)
 
@@ -248,7 +250,7 @@ def test_invalid_yaml_file(tmp_path: Path) -> None:
 def test_empty_dataset(tmp_path: Path) -> None:
     data = tmp_path / "empty.npz"
     np.savez(data, inputs=np.zeros((0, 4), np.float32), targets=np.zeros((0,), np.int64))
-    result = stillroom(
+    result = stillroom_in_process(
         "distill", FEW_LABELS, "data.source=npz", f"data.path={data}", "--out", tmp_path / "r"
     )
     assert_user_error(result, "has no samples")
@@ -259,7 +261,7 @@ def test_teacher_with_another_class_count_is_refused(few_label_run, tmp_path: Pa
     data = tmp_path / "three.npz"
     rng = np.random.default_rng(0)
     np.savez(data, inputs=rng.random((90, 1, 8, 8), dtype=np.float32), targets=np.arange(90) % 3)
-    result = stillroom(
+    result = stillroom_in_process(
         "distill",
         FEW_LABELS,
         "data.source=npz",
@@ -275,7 +277,7 @@ def test_nan_loss_stops_with_the_step_and_term(tmp_path: Path) -> None:
     data = tmp_path / "nan.npz"
     inputs = np.full((60, 6), np.nan, dtype=np.float32)
     np.savez(data, inputs=inputs, targets=np.arange(60) % 2)
-    result = stillroom(
+    result = stillroom_in_process(
         "distill",
         FEW_LABELS,
         "data.source=npz",
@@ -313,7 +315,7 @@ def test_interrupted_run_resumes_to_the_same_student(
 
     release(out)  # what the interrupted process's exit does: the folder is free again
     assert not (out / "student_kd" / "model.safetensors").exists()
-    result = stillroom(
+    result = stillroom_in_process(
         "distill", FEW_LABELS, *TINY, "--out", out, "--resume", "--no-progress", "--no-report"
     )
     assert result.returncode == 0, result.stderr
@@ -341,14 +343,14 @@ RESNET_TINY = [
 
 def test_feature_distillation_then_export_carries_no_projector(tmp_path: Path) -> None:
     out = tmp_path / "resnet"
-    result = stillroom(
+    result = stillroom_in_process(
         "distill", RESNET, *RESNET_TINY, "--out", out, "--no-progress", "--no-report"
     )
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "student_kd" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["train/hint:stages.2->stages.2"] > 0
     assert {f"train/attention_transfer:stages.{i}->stages.{i}" for i in range(3)} <= set(record)
-    exported = stillroom("export", out)
+    exported = stillroom_in_process("export", out)
     assert exported.returncode == 0, exported.stderr
     weights = load_file(str(out / "export" / "model.safetensors"))
     student, _ = load_model(out / "student_kd")
@@ -357,7 +359,7 @@ def test_feature_distillation_then_export_carries_no_projector(tmp_path: Path) -
 
 
 def test_bad_layer_name_in_a_term_lists_close_names(tmp_path: Path) -> None:
-    result = stillroom(
+    result = stillroom_in_process(
         "distill",
         RESNET,
         *RESNET_TINY,
@@ -374,11 +376,11 @@ def test_bad_layer_name_in_a_term_lists_close_names(tmp_path: Path) -> None:
 def test_force_checks_everything_before_deleting(few_label_run) -> None:
     out, _ = few_label_run
     before = tree_digest(out)
-    typo = stillroom(
+    typo = stillroom_in_process(
         "distill", FEW_LABELS, *TINY, "distill.loss=regression", "--out", out, "--force"
     )
     assert_user_error(typo, "does not fit the classification data")
-    own_teacher = stillroom(
+    own_teacher = stillroom_in_process(
         "distill",
         FEW_LABELS,
         *TINY,
@@ -394,5 +396,7 @@ def test_force_checks_everything_before_deleting(few_label_run) -> None:
 def test_out_that_is_a_file(tmp_path: Path) -> None:
     target = tmp_path / "notes.txt"
     target.write_text("keep me")
-    assert_user_error(stillroom("distill", FEW_LABELS, *TINY, "--out", target), "is a file")
+    assert_user_error(
+        stillroom_in_process("distill", FEW_LABELS, *TINY, "--out", target), "is a file"
+    )
     assert target.read_text() == "keep me"

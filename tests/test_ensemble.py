@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import assert_user_error, stillroom, tree_digest
+from helpers import assert_user_error, stillroom_in_process, tree_digest
 from stillroom import distill
 from stillroom.data import make_loader
 from stillroom.errors import StillroomError
@@ -178,7 +178,7 @@ def test_cli_end_to_end_and_resume(tmp_path: Path, monkeypatch, one_thread) -> N
     # one thread: on a shared machine a second one waits for a core at every op
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     run_dir = tmp_path / "run"
-    result = stillroom("distill", RECIPE, *SMALL, "--out", run_dir, "--no-progress")
+    result = stillroom_in_process("distill", RECIPE, *SMALL, "--out", run_dir, "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "ensemble" in result.stdout and "teacher_1" in result.stdout
 
@@ -236,7 +236,7 @@ def test_cli_member_with_another_class_count(tmp_path: Path, make_mlp, monkeypat
     )
     run_dir = tmp_path / "run"
     teachers = f"teachers=[{{kind: mlp, train: {{epochs: 1}}}}, {{checkpoint: {checkpoint}}}]"
-    result = stillroom("distill", RECIPE, teachers, "--out", run_dir)
+    result = stillroom_in_process("distill", RECIPE, teachers, "--out", run_dir)
     assert_user_error(result, "teachers[1]: checkpoint")
     assert "with 5 outputs" in result.stderr
     assert not run_dir.exists()

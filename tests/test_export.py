@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from helpers import assert_user_error, stillroom
+from helpers import assert_user_error, stillroom_in_process
 from stillroom.cli import app
 from stillroom.config import load_recipe
 from stillroom.errors import StillroomError
@@ -328,7 +328,7 @@ def test_bad_run_dir_through_the_cli(
         (path / "demo.json").write_text("{}")
         (path / "all_labels").mkdir()
         (path / "all_labels" / "config.yaml").write_text("")
-    assert_user_error(stillroom(command, path), fragment.format(path=path))
+    assert_user_error(stillroom_in_process(command, path), fragment.format(path=path))
 
 
 def test_transformer_shapes() -> None:
@@ -365,7 +365,7 @@ def test_a_bare_model_folder_exports_checked_on_random_inputs(tmp_path: Path) ->
     save_model(
         build_model(spec, (1, 8, 8), 10), spec, folder, input_shape=[1, 8, 8], num_outputs=10
     )
-    result = stillroom("export", folder)
+    result = stillroom_in_process("export", folder)
     assert result.returncode == 0, result.stderr
     assert "random inputs" in result.stdout
     manifest = json.loads((folder / "export" / "manifest.json").read_text())
@@ -382,5 +382,5 @@ def test_a_model_folder_with_several_outputs_is_refused_in_one_line(tmp_path: Pa
     spec = multitask_spec({"a": ("classification", 3), "b": ("regression", 1)}, hidden=[8])
     folder = tmp_path / "multitask"
     save_model(build_model(spec, (1, 8, 8), 4), spec, folder, input_shape=[1, 8, 8], num_outputs=4)
-    assert_user_error(stillroom("export", folder), "several outputs (a, b)")
+    assert_user_error(stillroom_in_process("export", folder), "several outputs (a, b)")
     assert not (folder / "export").exists()

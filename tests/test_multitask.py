@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from helpers import ROOT, assert_user_error, stillroom
+from helpers import ROOT, assert_user_error, stillroom_in_process
 from stillroom.data.multitask import (
     hide_task_labels,
     image_slant,
@@ -256,7 +256,7 @@ def test_distill_multitask_logs_every_task_and_term(digits_tasks) -> None:
 
 def test_cli_runs_the_recipe_and_reports_every_task(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = stillroom("distill", RECIPE, "--out", out, *TINY, "--no-progress")
+    result = stillroom_in_process("distill", RECIPE, "--out", out, *TINY, "--no-progress")
     assert result.returncode == 0, result.stderr
     assert "slant/rmse" in result.stdout and "gap closed on slant" in result.stdout
     payload = json.loads((out / "results.json").read_text())
@@ -297,7 +297,9 @@ def test_resume_finishes_and_a_rerun_needs_force(tmp_path: Path) -> None:
 
 def test_cli_a_student_missing_a_head_fails_before_anything_is_written(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = stillroom("distill", RECIPE, "--out", out, "student.heads=[digit]", "--no-progress")
+    result = stillroom_in_process(
+        "distill", RECIPE, "--out", out, "student.heads=[digit]", "--no-progress"
+    )
     assert_user_error(result, "the student has no head for task 'slant'; its heads: digit. Add")
     assert not out.exists()
 

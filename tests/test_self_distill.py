@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from helpers import assert_user_error, stillroom
+from helpers import assert_user_error, stillroom_in_process
 from stillroom.cli import app
 from stillroom.data import Splits, make_loader
 from stillroom.errors import StillroomError
@@ -274,7 +274,7 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
 
 
 def test_cli_unknown_exit_is_one_line(tmp_path: Path) -> None:
-    result = stillroom(
+    result = stillroom_in_process(
         "distill", RECIPE, *TINY, "self_distill.select=exit7", "--out", tmp_path / "run"
     )
     assert_user_error(result, "self_distill.select: the network has no exit 'exit7'")
