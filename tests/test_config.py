@@ -102,3 +102,28 @@ def test_recipe_must_be_a_mapping(tmp_path: Path) -> None:
 def test_missing_recipe_file() -> None:
     with pytest.raises(StillroomError, match="does not exist"):
         load_recipe(Path("no/such/recipe.yaml"))
+
+
+def test_every_method_schema_is_the_shared_base_with_no_nulled_section() -> None:
+    """One schema style: each method composes RecipeBase with the sections it uses; none
+    inherits a section only to set it to None."""
+    from types import NoneType
+
+    from stillroom.config import RecipeBase
+    from stillroom.methods import METHODS
+
+    for name, method in METHODS.items():
+        assert issubclass(method.schema, RecipeBase), name
+        assert method.schema.model_fields["method"].default == name
+        for field, info in method.schema.model_fields.items():
+            assert info.annotation is not NoneType, f"{name}.{field} is a nulled section"
+
+
+def test_a_section_of_another_method_is_refused_with_what_to_do() -> None:
+    from stillroom.config import validate_recipe
+    from stillroom.methods import METHODS
+
+    with pytest.raises(StillroomError, match="has no 'teacher' section: the network and its"):
+        validate_recipe({"teacher": {}}, "r.yaml", METHODS["self_distill"].schema)
+    with pytest.raises(StillroomError, match="lists its members under 'teachers'"):
+        validate_recipe({"teacher": {}}, "r.yaml", METHODS["ensemble"].schema)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -161,45 +161,26 @@ class DistillSection(TrainSection):
     )
 
 
-class Recipe(_Section):
-    """One distillation experiment. The defaults are the demo's digits setting.
+class RecipeBase(_Section):
+    """What the recipe of every method has. Each method's schema is this base plus the sections
+    it uses (composed from the shared ones below where it can), and its own `method` Literal;
+    `stillroom.methods.METHODS` maps the name to the schema."""
 
-    `method` picks the workflow (stillroom.methods.METHODS); methods that need more sections
-    validate against a subclass of this schema (or their own schema) that adds them.
-    """
-
-    method: Literal["classic"] = Field(
-        "classic", description="the workflow: see `stillroom methods` / stillroom.methods.METHODS"
-    )
-    name: str = "digits"
-    seed: int = 0
-    data: DataSection = DataSection()
-    teacher: TeacherSection = TeacherSection()
-    student: ModelSection = ModelSection()
-    distill: DistillSection = DistillSection()
-    baseline: bool = Field(
-        True, description="also train the student on labels alone, for comparison"
-    )
+    name: str = Field(description="the run's name: its default folder is runs/<name>")
+    seed: int = Field(0, description="seed of data splits, initialisation and batch order")
     cpu: bool = Field(False, description="force the CPU even when an accelerator is present")
 
-    @model_validator(mode="after")
-    def _student_trains(self) -> Recipe:
-        # methods that replace the student or teacher with their own sections set these to None
-        student, teacher = self.student, self.teacher
-        if isinstance(student, ModelSection) and student.kind in FROZEN_KINDS:
-            raise ValueError(
-                f"student.kind '{student.kind}' is a frozen model from another framework; a "
-                "student must train: use mlp, cnn, resnet or your own factory"
-            )
-        if (
-            isinstance(teacher, TeacherSection)
-            and teacher.kind in FROZEN_KINDS
-            and teacher.checkpoint
-        ):
-            raise ValueError(
-                f"teacher.kind '{teacher.kind}' reads teacher.path; drop teacher.checkpoint"
-            )
-        return self
+    absent: ClassVar[dict[str, str]] = {}
+    """Sections other methods have and this one does not: key -> why, and what to do instead."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_foreign_sections(cls, tree: Any) -> Any:
+        if isinstance(tree, dict):
+            for key, why in cls.absent.items():
+                if key in tree:
+                    raise ValueError(why)
+        return tree
 
     def train_args(self, section: TrainSection, task: str, **extra: Any) -> TrainArgs:
         """Plain TrainArgs for the loop from a training section (teacher.train or distill)."""
@@ -209,6 +190,40 @@ class Recipe(_Section):
             fields["terms"] = tuple(section.terms)
         fields.update(extra)
         return TrainArgs(**fields, task=task, seed=self.seed, cpu=self.cpu)
+
+
+class Recipe(RecipeBase):
+    """The classic experiment: a teacher, a student distilled from it, and the same student from
+    labels alone. The defaults are the demo's digits setting."""
+
+    method: Literal["classic"] = Field(
+        "classic", description="the workflow: see `stillroom methods` / stillroom.methods.METHODS"
+    )
+    name: str = "digits"
+    data: DataSection = DataSection()
+    teacher: TeacherSection = TeacherSection()
+    student: ModelSection = ModelSection()
+    distill: DistillSection = DistillSection()
+    baseline: bool = Field(
+        True, description="also train the student on labels alone, for comparison"
+    )
+
+    @model_validator(mode="after")
+    def _student_trains(self) -> Recipe:
+        check_student_trains(self.student)
+        if self.teacher.kind in FROZEN_KINDS and self.teacher.checkpoint:
+            raise ValueError(
+                f"teacher.kind '{self.teacher.kind}' reads teacher.path; drop teacher.checkpoint"
+            )
+        return self
+
+
+def check_student_trains(student: ModelSection) -> None:
+    if student.kind in FROZEN_KINDS:
+        raise ValueError(
+            f"student.kind '{student.kind}' is a frozen model from another framework; a "
+            "student must train: use mlp, cnn, resnet or your own factory"
+        )
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -340,7 +355,10 @@ def load_recipe(path: Path | str | None, overrides: list[str] | None = None) -> 
 
 def dump_recipe(recipe: BaseModel) -> str:
     """The resolved recipe as YAML: every field, defaults included, ready to run again."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    tree = recipe.model_dump(mode="json")
+    if "method" in tree:  # first, as a reader looks for it
+        tree = {"method": tree.pop("method"), **tree}
+    return yaml.safe_dump(tree, sort_keys=False)
 
 
 def model_sections(tree: BaseModel) -> list[ModelSection]:

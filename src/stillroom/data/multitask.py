@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -167,6 +168,8 @@ MULTITASK_DATASETS: dict[str, Callable[[Path | None], MultiTaskData]] = {
     "npz": _npz,  # your arrays: inputs + target_<task> per task
 }
 """Every multi-task dataset a multitask recipe's `data.source` may name."""
+
+MultiTaskSourceName = Literal[tuple(MULTITASK_DATASETS)]  # type: ignore[valid-type]  # the table is the one list
 
 
 def load_multitask(source: str, path: Path | None = None) -> MultiTaskData:

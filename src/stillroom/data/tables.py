@@ -189,7 +189,11 @@ def _load(
         with _quiet():
             if fmt == "csv":
                 options = pyarrow.csv.ConvertOptions(strings_can_be_null=True)
-                ds = datasets.Dataset(pyarrow.csv.read_csv(path, convert_options=options))
+                # a quoted value may hold line breaks (a text column: paragraphs of an article);
+                # without this pyarrow cuts its blocks inside them once a file passes 1 MB
+                parse = pyarrow.csv.ParseOptions(newlines_in_values=True)
+                table = pyarrow.csv.read_csv(path, parse_options=parse, convert_options=options)
+                ds = datasets.Dataset(table)
             elif fmt == "parquet":
                 # Dataset(table) picks up the ClassLabel / Image features `datasets` saves in the schema
                 ds = datasets.Dataset(pyarrow.parquet.read_table(path))

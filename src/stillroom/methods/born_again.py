@@ -27,14 +27,22 @@ import shutil
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import Field, field_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from stillroom.config import ModelSection, Recipe, dump_recipe
+from stillroom.config import (
+    DataSection,
+    DistillSection,
+    ModelSection,
+    RecipeBase,
+    TeacherSection,
+    check_student_trains,
+    dump_recipe,
+)
 from stillroom.data import labelled_only, make_loader
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_write_json, atomic_write_text
@@ -74,31 +82,27 @@ class GenerationSection(ModelSection):
         return {key: value for key, value in given.items() if value is not None}
 
 
-class ChainRecipe(Recipe):
+class ChainRecipe(RecipeBase):
     """A chain: the teacher is generation 0, `generations` lists the students 1..N in order."""
 
-    method: Literal["born_again"] = Field(  # type: ignore[assignment]
+    method: Literal["born_again"] = Field(
         "born_again", description="a chain: each trained generation teaches the next"
     )
     name: str = "digits_born_again"
-    student: None = Field(  # type: ignore[assignment]
-        None, description="unused: a chain names its students in 'generations'"
-    )
+    data: DataSection = DataSection()
+    teacher: TeacherSection = TeacherSection()
     generations: list[GenerationSection] = Field(
         description="the students of generations 1..N, each distilled from the one before; equal "
         "sizes: born-again networks; shrinking sizes: a teacher-assistant chain"
     )
+    distill: DistillSection = DistillSection()
     baseline: bool = Field(
         True, description="also train each distinct generation architecture on labels alone"
     )
-
-    @field_validator("student", mode="before")
-    @classmethod
-    def _no_student(cls, student: Any) -> None:
-        if student is not None:
-            raise ValueError(
-                "a born_again recipe names its students in 'generations'; remove the 'student' section"
-            )
+    absent: ClassVar[dict[str, str]] = {
+        "student": "a born_again recipe names its students in 'generations'; remove the "
+        "'student' section"
+    }
 
     @field_validator("generations")
     @classmethod
@@ -107,6 +111,8 @@ class ChainRecipe(Recipe):
             raise ValueError(
                 "a chain needs at least one generation, e.g. generations: [{kind: mlp, hidden: [64]}]"
             )
+        for generation in generations:
+            check_student_trains(generation)
         return generations
 
 

@@ -38,7 +38,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from stillroom.config import TrainSection
+from stillroom.config import RecipeBase, TrainSection
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_write_json
 from stillroom.llm.causal import (
@@ -187,13 +187,11 @@ class CausalDistillSection(TrainSection):
     onpolicy: OnPolicySection = OnPolicySection()
 
 
-class CausalLMRecipe(_Section):
+class CausalLMRecipe(RecipeBase):
     """A causal LM distilled token by token into a smaller Llama (method: causal_lm)."""
 
     method: Literal["causal_lm"] = "causal_lm"
     name: str = "tiny_causal"
-    seed: int = 0
-    cpu: bool = Field(False, description="force the CPU even when an accelerator is present")
     teacher: CausalTeacherSection = CausalTeacherSection(tiny=TinyTeacherSection())
     student: CausalStudentSection = CausalStudentSection()
     data: CorpusSection = CorpusSection()

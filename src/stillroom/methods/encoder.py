@@ -32,7 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from stillroom.config import TrainSection
+from stillroom.config import RecipeBase, TrainSection
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_write_json
 from stillroom.llm.encoder import (
@@ -148,13 +148,11 @@ class EncoderDistillSection(TrainSection):
     hard_weight: float = Field(1.0, ge=0, description="cross-entropy to the labels / MLM tokens")
 
 
-class EncoderRecipe(_Section):
+class EncoderRecipe(RecipeBase):
     """DistilBERT-style layer reduction of a transformers encoder (method: encoder)."""
 
     method: Literal["encoder"] = "encoder"
     name: str = "encoder"
-    seed: int = 0
-    cpu: bool = Field(False, description="force the CPU even when an accelerator is present")
     head: Literal["sequence_classification", "masked_lm"] = "sequence_classification"
     teacher: TextTeacherSection
     student: ReducedStudentSection = ReducedStudentSection()

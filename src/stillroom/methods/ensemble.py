@@ -24,13 +24,20 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from stillroom.config import Recipe, TeacherSection
+from stillroom.config import (
+    DataSection,
+    DistillSection,
+    ModelSection,
+    RecipeBase,
+    TeacherSection,
+    check_student_trains,
+)
 from stillroom.data import ArrayData, Splits, make_loader
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_write_json
@@ -101,14 +108,12 @@ class EnsembleSection(BaseModel):
     )
 
 
-class EnsembleRecipe(Recipe):
+class EnsembleRecipe(RecipeBase):
     """An ensemble of teachers distilled into one student (method: ensemble)."""
 
     method: Literal["ensemble"] = "ensemble"
     name: str = "digits_ensemble"
-    teacher: None = Field(
-        None, description="not used: an ensemble recipe lists its members under teachers"
-    )
+    data: DataSection = DataSection()
     teachers: list[MemberSection] = Field(
         [
             MemberSection(kind="cnn"),
@@ -120,16 +125,21 @@ class EnsembleRecipe(Recipe):
         "loaded (checkpoint), and/or with its training outputs read from its own store",
     )
     ensemble: EnsembleSection = EnsembleSection()
+    student: ModelSection = ModelSection()
+    distill: DistillSection = DistillSection()
+    baseline: bool = Field(
+        True, description="also train the student on labels alone, for comparison"
+    )
+    absent: ClassVar[dict[str, str]] = {
+        "teacher": "an ensemble recipe lists its members under 'teachers' (a list of teacher "
+        "sections), not 'teacher'"
+    }
 
-    @field_validator("teacher", mode="before")
+    @field_validator("student")
     @classmethod
-    def _no_single_teacher(cls, teacher: Any) -> None:
-        if teacher is not None:
-            raise ValueError(
-                "an ensemble recipe lists its members under 'teachers' (a list of teacher "
-                "sections), not 'teacher'"
-            )
-        return None
+    def _student_trains(cls, student: ModelSection) -> ModelSection:
+        check_student_trains(student)
+        return student
 
     @field_validator("ensemble")
     @classmethod

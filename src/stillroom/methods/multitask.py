@@ -39,7 +39,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import nn
 
-from stillroom.config import Recipe, TermSection, TrainSection
+from stillroom.config import DistillSection, RecipeBase, TermSection, TrainSection
 from stillroom.data.multitask import (
     MultiTaskData,
     hide_task_labels,
@@ -153,13 +153,24 @@ class MultiTaskTeacherSection(MultiTaskModelSection):
     train: TrainSection = TrainSection(epochs=20)
 
 
+def _shared(name: str) -> Any:
+    """The classic distill section's default: one value for every method."""
+    return DistillSection.model_fields[name].default
+
+
 class MultiTaskDistillSection(TrainSection):
-    epochs: int = Field(60, ge=1)
-    lr: float = Field(1e-2, gt=0)
-    alpha: float = Field(0.9, ge=0, le=1, description="default alpha of every task")
-    temperature: float = Field(4.0, gt=0, description="default temperature of classification tasks")
-    dkd_alpha: float = Field(1.0, ge=0, description="loss dkd: weight of the target-class term")
-    dkd_beta: float = Field(8.0, ge=0, description="loss dkd: weight of the non-target-class term")
+    epochs: int = Field(_shared("epochs"), ge=1)
+    lr: float = Field(_shared("lr"), gt=0)
+    alpha: float = Field(_shared("alpha"), ge=0, le=1, description="default alpha of every task")
+    temperature: float = Field(
+        _shared("temperature"), gt=0, description="default temperature of classification tasks"
+    )
+    dkd_alpha: float = Field(
+        _shared("dkd_alpha"), ge=0, description="loss dkd: weight of the target-class term"
+    )
+    dkd_beta: float = Field(
+        _shared("dkd_beta"), ge=0, description="loss dkd: weight of the non-target-class term"
+    )
     select: str | None = Field(
         None,
         description="the task whose validation metric picks the best checkpoint (default: first)",
@@ -169,15 +180,18 @@ class MultiTaskDistillSection(TrainSection):
     )
 
 
-class MultiTaskRecipe(Recipe):
+class MultiTaskRecipe(RecipeBase):
     """A multi-head teacher distilled into a multi-head student, task by task (method: multitask)."""
 
-    method: Literal["multitask"] = "multitask"  # type: ignore[assignment]
+    method: Literal["multitask"] = "multitask"
     name: str = "digits_multitask"
-    data: MultiTaskDataSection = MultiTaskDataSection()  # type: ignore[assignment]
-    teacher: MultiTaskTeacherSection = MultiTaskTeacherSection()  # type: ignore[assignment]
-    student: MultiTaskModelSection = MultiTaskModelSection()  # type: ignore[assignment]
-    distill: MultiTaskDistillSection = MultiTaskDistillSection()  # type: ignore[assignment]
+    data: MultiTaskDataSection = MultiTaskDataSection()
+    teacher: MultiTaskTeacherSection = MultiTaskTeacherSection()
+    student: MultiTaskModelSection = MultiTaskModelSection()
+    distill: MultiTaskDistillSection = MultiTaskDistillSection()
+    baseline: bool = Field(
+        True, description="also train the student on labels alone, for comparison"
+    )
     tasks: list[TaskSection] = Field(
         [
             TaskSection(name="digit", kind="classification"),

@@ -29,14 +29,14 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
-from stillroom.config import Recipe, TrainSection
+from stillroom.config import DataSection, RecipeBase, TrainSection
 from stillroom.data import labelled_only, make_loader
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_write_json
@@ -302,15 +302,14 @@ class SelfDistillSection(BaseModel):
         return {**spec, "exit_width": self.exit_width, "exit": exit_name}
 
 
-class SelfDistillRecipe(Recipe):
+class SelfDistillRecipe(RecipeBase):
     """One multi-exit network trained with self-distillation, beside deep supervision and the
     plain network (method: self_distill)."""
 
-    method: Literal["self_distill"] = "self_distill"  # type: ignore[assignment]
+    method: Literal["self_distill"] = "self_distill"
     name: str = "digits_self_distill"
-    teacher: None = Field(None, description="unused: the deepest exit is the teacher")  # type: ignore[assignment]
-    student: None = Field(None, description="unused: the network is self_distill")  # type: ignore[assignment]
-    distill: TrainSection = Field(  # type: ignore[assignment]
+    data: DataSection = DataSection()
+    distill: TrainSection = Field(
         TrainSection(epochs=40, lr=0.01),
         description="training settings of every network (alpha etc. are in self_distill)",
     )
@@ -318,16 +317,11 @@ class SelfDistillRecipe(Recipe):
     baseline: bool = Field(
         True, description="also train (b) deep supervision and (c) the plain network"
     )
-
-    @field_validator("teacher", "student", mode="before")
-    @classmethod
-    def _own_sections(cls, value: Any, info: ValidationInfo) -> Any:
-        if value is not None:
-            raise ValueError(
-                f"a self_distill recipe has no '{info.field_name}' section: the network and its "
-                "exits are in 'self_distill'; remove it"
-            )
-        return value
+    absent: ClassVar[dict[str, str]] = {
+        key: f"a self_distill recipe has no '{key}' section: the network and its exits are in "
+        "'self_distill'; remove it"
+        for key in ("teacher", "student")
+    }
 
 
 @dataclass

@@ -33,7 +33,7 @@ import torch
 from pydantic import Field, model_validator
 from safetensors.torch import load_file
 
-from stillroom.config import TrainSection
+from stillroom.config import RecipeBase, TrainSection
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_save_tensors, atomic_write_json
 from stillroom.llm.embedding import (
@@ -114,13 +114,11 @@ class EvalSection(_Section):
     throughput_repeats: int = Field(5, ge=1, description="timed passes; the median is reported")
 
 
-class SentenceEmbeddingRecipe(_Section):
+class SentenceEmbeddingRecipe(RecipeBase):
     """Sentence-embedding distillation into a layer-reduced student (method: sentence_embedding)."""
 
     method: Literal["sentence_embedding"] = "sentence_embedding"
     name: str = "sentence_embedding"
-    seed: int = 0
-    cpu: bool = Field(False, description="force the CPU even when an accelerator is present")
     teacher: TextTeacherSection
     student: ReducedStudentSection = ReducedStudentSection()
     data: EmbeddingDataSection = EmbeddingDataSection()
