@@ -263,7 +263,9 @@ def _misleading_val(splits: Splits) -> DataLoader:
 
 
 @pytest.mark.parametrize("with_run_dir", [True, False])
-def test_early_stopping_returns_best_epoch_weights(digits, make_mlp, tmp_path, with_run_dir):
+def test_early_stopping_returns_best_epoch_weights(
+    digits, make_mlp, tmp_path, with_run_dir, capsys
+):
     epochs, patience = 20, 2
     train = make_loader(digits.train, 32, shuffle=True)
     val = _misleading_val(digits)
@@ -275,6 +277,9 @@ def test_early_stopping_returns_best_epoch_weights(digits, make_mlp, tmp_path, w
 
     accuracies = [r["val/accuracy"] for r in result.history]
     assert result.stopped_early
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"stopped early after epoch {len(result.history)}: no better val accuracy" in said
+    assert f"for {patience} epochs; keeping epoch {result.best_epoch}" in said
     assert len(result.history) < epochs
     assert len(result.history) == result.best_epoch + patience
     assert result.best_value == max(accuracies)

@@ -284,6 +284,14 @@ def distill(
                     critic_optimizer=critics.optimizer,
                 )
 
+    if run.stopped_early and accelerator.is_main_process:
+        # said whether or not bars are shown: a run shorter than asked must not look finished
+        progress.console.print(
+            f"{args.description}: stopped early after epoch {run.epoch}: no better val {metric} "
+            f"for {args.patience} epochs; keeping epoch {run.best_epoch} ({metric} "
+            f"{run.best_value:.4f})",
+            highlight=False,
+        )
     trained = inner.student
     accelerator.wait_for_everyone()  # the main process wrote best.safetensors
     if run_dir and (run_dir / BEST).is_file():
