@@ -239,3 +239,4 @@ def test_distill_refuses_a_store_of_another_teacher(tmp_path: Path, teacher_dir:
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "teacher" in result.stderr and result.stderr.startswith("error: ")
+    assert not (tmp_path / "run").exists()  # refused before anything was trained: nothing left

@@ -114,6 +114,7 @@ def test_distill_refuses_the_store_of_another_onnx_file(onnx_store, onnx_files, 
     assert_user_error(
         result, f"by a different teacher (weights sha256 {sha256(onnx_files[0])[:12]}"
     )
+    assert not out.exists()
 
 
 def test_a_teacher_file_that_does_not_fit_the_data_is_one_line(onnx_files, tmp_path) -> None:

@@ -19,6 +19,7 @@ Run folder:
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from stillroom.pipeline import (
     train_teacher,
 )
 from stillroom.results import ModelResult, Summary, gap_note, write_summary
-from stillroom.runs import gap_closed, prepare_run_dir
+from stillroom.runs import gap_closed, prepare_run_dir, release
 from stillroom.store import StoreTeacher
 from stillroom.teachers import CachedTeacher, generate_soft_targets
 from stillroom.train import evaluate, predict
@@ -79,6 +80,7 @@ def run_recipe(
     )
     given = given_teacher(recipe, splits)  # a checkpoint or another framework's model, checked
     check_models(recipe, splits, given[0] if given else None)
+    fresh = not run_dir.exists()
     prepare_run_dir(run_dir, recipe, resume, force, protected)
     atomic_write_json(run_dir / "data.json", splits.record)
 
@@ -90,20 +92,24 @@ def run_recipe(
         teacher, _ = load_model(run_dir / "teacher")  # in the units the students train in
     else:
         teacher = train_teacher(recipe, run_dir, splits, progress=progress, resume=resume)
+    # feature terms read the teacher's intermediate layers at every step: they need it live
+    live = bool(tapped_layers(list(recipe.train_args(recipe.distill, task).terms))[1])
+    store = None
+    if recipe.teacher.store is not None and not live:
+        try:  # refuses a store made by another teacher or on other inputs, naming which differs
+            store = StoreTeacher(recipe.teacher.store, teacher=teacher, data=student_train)
+        except StillroomError:
+            if fresh:  # the folder this call created goes with it: the refusal writes nothing
+                release(run_dir)
+                shutil.rmtree(run_dir)
+            raise
 
     # 2. soft targets: the teacher runs once over every training input, labelled or not
     soft_targets = generate_soft_targets(teacher, make_loader(student_train, 512, shuffle=False))
     soft_targets.save(run_dir / "soft_targets.safetensors")
 
     # 3. the same student architecture, from labels alone and distilled
-    # feature terms read the teacher's intermediate layers at every step: they need it live
-    if tapped_layers(list(recipe.train_args(recipe.distill, task).terms))[1]:
-        kd_teacher: Any = teacher
-    elif recipe.teacher.store is not None:
-        # refuses a store made by another teacher or on other inputs, naming which differs
-        kd_teacher = StoreTeacher(recipe.teacher.store, teacher=teacher, data=student_train)
-    else:
-        kd_teacher = CachedTeacher(soft_targets.outputs)
+    kd_teacher: Any = teacher if live else store or CachedTeacher(soft_targets.outputs)
     students = train_students(
         recipe, run_dir, kd_teacher, splits, student_train, progress=progress, resume=resume
     )
