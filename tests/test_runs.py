@@ -168,3 +168,16 @@ def test_hold_refuses_only_other_live_processes(tmp_path: Path, live_pid: int) -
     _lock_by(tmp_path, os.getpid())
     hold(tmp_path)  # this process already holds it: resuming in-process is allowed
     release(tmp_path)
+
+
+def test_every_methods_resume_takes_the_lock(tmp_path: Path, live_pid: int) -> None:
+    """The chain's resume has its own recipe comparison; it holds the folder all the same."""
+    chain = ROOT / "recipes" / "digits_born_again.yaml"
+    out = tmp_path / "chain"
+    out.mkdir()
+    write_marker(out, "run", method="born_again")
+    (out / "config.yaml").write_text("method: born_again\nname: x\n")
+    _lock_by(out, live_pid)
+    resumed = stillroom_in_process("distill", chain, "--out", out, "--resume")
+    assert_user_error(resumed, f"is in use by process {live_pid}")
+    assert (out / "config.yaml").read_text() == "method: born_again\nname: x\n"

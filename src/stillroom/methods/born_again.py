@@ -58,7 +58,14 @@ from stillroom.models import build_model, load_model, save_model
 from stillroom.objective import check_layer_names, tapped_layers
 from stillroom.pipeline import build_seeded, check_task, prepare_data, train_phase, train_teacher
 from stillroom.results import ModelResult, Summary, write_summary
-from stillroom.runs import gap_closed, prepare_run_dir
+from stillroom.runs import (
+    clean_temporary,
+    gap_closed,
+    hold,
+    prepare_run_dir,
+    release,
+    write_marker,
+)
 from stillroom.train import predict
 from stillroom.train.evaluate import METRICS, is_better
 
@@ -202,6 +209,7 @@ def _prepare_chain_dir(run_dir: Path, recipe: ChainRecipe, resume: bool, force: 
             (recipe.teacher.checkpoint, recipe.teacher.store, recipe.data.path),
         )
         return
+    hold(run_dir)  # one process at a time, as for every method's resume
     before, after = yaml.safe_load(config.read_text()), recipe.model_dump(mode="json")
     old, new = before.pop("generations", None) or [], after.pop("generations")
     complete = 0
@@ -209,6 +217,7 @@ def _prepare_chain_dir(run_dir: Path, recipe: ChainRecipe, resume: bool, force: 
         while complete < len(old) and is_complete(run_dir / f"gen-{complete + 1}"):
             complete += 1
     if before != after or old[:complete] != new[:complete] or len(new) < complete:
+        release(run_dir)
         raise StillroomError(
             f"the recipe differs from the one {run_dir} was started with (see its config.yaml) in "
             f"more than the generations not complete yet (generations[{complete}:]); resume with "
@@ -218,6 +227,8 @@ def _prepare_chain_dir(run_dir: Path, recipe: ChainRecipe, resume: bool, force: 
         if k > complete and was != now:
             # checkpoints made under other settings must not be continued under these
             shutil.rmtree(run_dir / f"gen-{k}", ignore_errors=True)
+    write_marker(run_dir, "run", method=recipe.method)
+    clean_temporary(run_dir)
     atomic_write_text(config, dump_recipe(recipe))
 
 
@@ -238,7 +249,7 @@ def run_chain(
     check_task(recipe, task)
     input_shape, num_outputs = splits.train.input_shape, splits.train.num_outputs
     _check_chain(recipe, task, input_shape, num_outputs)
-    if resume and force:
+    if resume and force:  # here too: the chain's resume does not pass through prepare_run_dir
         raise StillroomError("--resume and --force contradict each other; pass one")
     _prepare_chain_dir(run_dir, recipe, resume, force)
     batch = recipe.data.batch_size

@@ -180,8 +180,6 @@ def run_ensemble(
     check_task(recipe, task)
     _check_recipe(recipe, task)
     loaded = _load_members(recipe, student_train)
-    if resume and force:
-        raise StillroomError("--resume and --force contradict each other; pass one")
     prepare_run_dir(run_dir, recipe, resume, force, _inputs(recipe))
 
     # 1. every member: loaded, finished in an earlier try of this run, or trained on every label

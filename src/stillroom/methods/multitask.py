@@ -389,8 +389,6 @@ def run_multitask(
         teacher_spec = recipe.teacher.spec(_heads(recipe.teacher, "teacher", heads))
         teacher = _built(teacher_spec, input_shape, recipe.seed)
     _check_terms(recipe, student, teacher)
-    if resume and force:
-        raise StillroomError("--resume and --force contradict each other; pass one")
     prepare_run_dir(run_dir, recipe, resume, force, (recipe.teacher.checkpoint, recipe.data.path))
     batch, select = recipe.data.batch_size, recipe.distill.select
 

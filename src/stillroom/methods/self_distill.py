@@ -364,8 +364,6 @@ def run_self_distill(
     if section.feature_weight > 0:
         layers, final_feature = probe.feature_layers(section.hint_at)
         check_feature_pairs(probe, splits.train.inputs[:2], layers, final_feature)
-    if resume and force:
-        raise StillroomError("--resume and --force contradict each other; pass one")
     prepare_run_dir(run_dir, recipe, resume, force, (recipe.data.path,))
 
     meta = {"input_shape": list(input_shape), "num_outputs": num_outputs}
