@@ -116,6 +116,21 @@ def data_classes(splits: Splits) -> list[str] | None:
     return None
 
 
+def load_fitting(
+    checkpoint: Path, input_shape: tuple[int, ...], num_outputs: int, who: str = "teacher", why=""
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A saved stillroom model that takes the data's inputs and gives its outputs, or one line
+    naming both (every method's "the teacher checkpoint fits the data" check)."""
+    model, meta = load_model(checkpoint)
+    if tuple(meta["input_shape"]) != tuple(input_shape) or meta["num_outputs"] != num_outputs:
+        raise StillroomError(
+            f"{who} {checkpoint} takes inputs {tuple(meta['input_shape'])} with "
+            f"{meta['num_outputs']} outputs, but the data {why}has {tuple(input_shape)} and "
+            f"{num_outputs}"
+        )
+    return model, meta
+
+
 def given_teacher(recipe: Recipe, splits: Splits) -> tuple[torch.nn.Module, dict[str, Any]] | None:
     """The recipe's teacher when it is not trained here: a stillroom checkpoint, or a model from
     another framework (ONNX, scikit-learn). Returns (module, its model.json) after checking that
@@ -123,12 +138,7 @@ def given_teacher(recipe: Recipe, splits: Splits) -> tuple[torch.nn.Module, dict
     section, train = recipe.teacher, splits.train
     input_shape, num_outputs = train.input_shape, train.num_outputs
     if section.checkpoint is not None:
-        teacher, meta = load_model(section.checkpoint)
-        if tuple(meta["input_shape"]) != input_shape or meta["num_outputs"] != num_outputs:
-            raise StillroomError(
-                f"teacher {section.checkpoint} takes inputs {tuple(meta['input_shape'])} with "
-                f"{meta['num_outputs']} outputs, but the data has {input_shape} and {num_outputs}"
-            )
+        teacher, meta = load_fitting(section.checkpoint, input_shape, num_outputs)
         return teacher, {**meta, "input_shape": list(input_shape), "num_outputs": num_outputs}
     if section.kind not in FROZEN:
         return None

@@ -56,7 +56,14 @@ from stillroom.methods.chain import (
 )
 from stillroom.models import build_model, load_model, save_model
 from stillroom.objective import check_layer_names, tapped_layers
-from stillroom.pipeline import build_seeded, check_task, prepare_data, train_phase, train_teacher
+from stillroom.pipeline import (
+    build_seeded,
+    check_task,
+    load_fitting,
+    prepare_data,
+    train_phase,
+    train_teacher,
+)
 from stillroom.results import ModelResult, Summary, write_summary
 from stillroom.runs import (
     clean_temporary,
@@ -175,12 +182,7 @@ def _check_chain(
         list(recipe.train_args(recipe.distill, task).terms)
     )
     if recipe.teacher.checkpoint is not None:
-        teacher, meta = load_model(recipe.teacher.checkpoint)
-        if tuple(meta["input_shape"]) != input_shape or meta["num_outputs"] != outputs:
-            raise StillroomError(
-                f"teacher {recipe.teacher.checkpoint} takes inputs {tuple(meta['input_shape'])} "
-                f"with {meta['num_outputs']} outputs, but the data has {input_shape} and {outputs}"
-            )
+        teacher, _ = load_fitting(recipe.teacher.checkpoint, input_shape, outputs)
         models = [teacher]
     else:
         models = [build_model(recipe.teacher.spec(), input_shape, outputs)]

@@ -49,7 +49,14 @@ from stillroom.methods.ensemble_results import (
 )
 from stillroom.models import load_model, save_model
 from stillroom.objective import tapped_layers
-from stillroom.pipeline import build_seeded, check_task, prepare_data, train_phase, train_students
+from stillroom.pipeline import (
+    build_seeded,
+    check_task,
+    load_fitting,
+    prepare_data,
+    train_phase,
+    train_students,
+)
 from stillroom.runs import gap_closed, is_complete, prepare_run_dir
 from stillroom.store import SoftTargetStore, StoreTeacher
 from stillroom.teachers import (
@@ -250,14 +257,13 @@ def _load_members(
     for i, member in enumerate(recipe.teachers):
         if member.checkpoint is None:
             continue
-        module, meta = load_model(member.checkpoint)
-        if tuple(meta["input_shape"]) != input_shape or meta["num_outputs"] != num_outputs:
-            raise StillroomError(
-                f"teachers[{i}]: checkpoint {member.checkpoint} takes inputs "
-                f"{tuple(meta['input_shape'])} with {meta['num_outputs']} outputs, but the data "
-                f"(and so every other member) has {input_shape} and {num_outputs}: all members "
-                "must give the same classes"
-            )
+        module, meta = load_fitting(
+            member.checkpoint,
+            input_shape,
+            num_outputs,
+            f"teachers[{i}]: checkpoint",
+            "(and so every other member, which must give the same classes) ",
+        )
         if member.store is not None:
             _member_store(i, member.store, module, student_train)
         loaded[i] = (module, meta)
