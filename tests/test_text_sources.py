@@ -267,6 +267,15 @@ def test_encoder_classifies_a_csv_text_column_by_its_label_column(tmp_path: Path
     from stillroom.llm.hub import load_pretrained
 
     assert load_pretrained(out / "student_kd", "sequence_classification").config.num_labels == 2
+    # --force never deletes the table the run reads
+    inside = out / "news.csv"
+    inside.write_bytes(table.read_bytes())
+    forced = stillroom_in_process(
+        "distill", RECIPES / "own_text_encoder.yaml", *ENCODER_SMALL, f"data.path={inside}",
+        "data.text=body", "data.label=topic", "--out", out, "--no-progress", "--force",
+    )  # fmt: skip
+    assert_user_error(forced, f"--force would delete {inside}, which this run reads")
+    assert inside.read_bytes() == table.read_bytes()
 
 
 def test_causal_lm_learns_from_a_text_column(tmp_path: Path) -> None:

@@ -103,6 +103,28 @@ def read_summary(run_dir: Path) -> Summary:
     return Summary(**payload, models=models)
 
 
+def describe(spec: dict[str, Any]) -> str:
+    """A short architecture label for the tables: 'mlp 64', 'mlp 128-64', 'cnn 32-64/128'
+    (channels/hidden), 'resnet 16-32-64/1-1-1' (widths/blocks), 'factory my_models:build',
+    'onnx teacher.onnx' (a model read from a file: the file's name)."""
+
+    def dashed(values: Any) -> str:
+        return "-".join(map(str, values)) if isinstance(values, list) else str(values)
+
+    kind = spec["kind"]
+    if kind == "resnet":
+        return f"resnet {dashed(spec['widths'])}/{dashed(spec['blocks'])}"
+    if kind == "cnn":
+        return f"cnn {dashed(spec['channels'])}/{dashed(spec['hidden'])}"
+    if kind == "factory":
+        return f"factory {spec['factory']}"
+    if "hidden" in spec:
+        return f"{kind} {dashed(spec['hidden']) or 'linear'}"
+    if spec.get("path"):
+        return f"{kind} {Path(spec['path']).name}"
+    return str(kind)
+
+
 # --- what is said under the table ----------------------------------------------------------------
 
 

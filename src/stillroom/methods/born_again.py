@@ -64,7 +64,7 @@ from stillroom.pipeline import (
     train_phase,
     train_teacher,
 )
-from stillroom.results import ModelResult, Summary, write_summary
+from stillroom.results import ModelResult, Summary, describe, write_summary
 from stillroom.runs import (
     clean_temporary,
     gap_closed,
@@ -137,20 +137,6 @@ class ChainResult:
     metric: str
     rows: dict[str, dict[str, Any]]
     """gen-0 .. gen-N, then scratch-gen-K: architecture, test metric, costs, agreements, gap closed."""
-
-
-def describe(spec: dict[str, Any]) -> str:
-    """A short architecture label: 'mlp 64', 'mlp 128-64', 'cnn 32-64/128' (channels/hidden),
-    'resnet 16-32-64/1-1-1' (widths/blocks)."""
-
-    def dashed(values: Any) -> str:
-        return "-".join(map(str, values)) if isinstance(values, list) else str(values)
-
-    if spec["kind"] == "resnet":
-        return f"resnet {dashed(spec['widths'])}/{dashed(spec['blocks'])}"
-    if spec["kind"] == "cnn":
-        return f"cnn {dashed(spec['channels'])}/{dashed(spec['hidden'])}"
-    return f"{spec['kind']} {dashed(spec['hidden']) or 'linear'}"
 
 
 def _arch_key(section: ModelSection) -> str:

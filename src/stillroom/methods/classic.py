@@ -41,7 +41,7 @@ from stillroom.pipeline import (
     train_students,
     train_teacher,
 )
-from stillroom.results import ModelResult, Summary, gap_note, write_summary
+from stillroom.results import ModelResult, Summary, describe, gap_note, write_summary
 from stillroom.runs import gap_closed, prepare_run_dir, release
 from stillroom.store import StoreTeacher
 from stillroom.teachers import CachedTeacher, generate_soft_targets
@@ -173,7 +173,7 @@ def summarize(result: RunResult, recipe: Recipe, title: str | None = None) -> Su
             parameters=row["parameters"],
             size_bytes=row["size_bytes"],
             latency_ms=row["latency_ms"],
-            architecture=describe(recipe.teacher if role == "teacher" else recipe.student),
+            architecture=describe((recipe.teacher if role == "teacher" else recipe.student).spec()),
             teacher="teacher" if role == "student_kd" else "",
         )
         for role, row in rows.items()
@@ -198,8 +198,8 @@ def summarize(result: RunResult, recipe: Recipe, title: str | None = None) -> Su
             + f", label_fraction {data.label_fraction}, seed {recipe.seed}",
             "distillation": f"loss {distill.loss}, T {distill.temperature}, alpha {distill.alpha}, "
             f"epochs {distill.epochs}, lr {distill.lr}, extra terms: {terms}",
-            "teacher": describe(recipe.teacher) + _teacher_origin(recipe),
-            "student": describe(recipe.student),
+            "teacher": describe(recipe.teacher.spec()) + _teacher_origin(recipe),
+            "student": describe(recipe.student.spec()),
         },
         notes=[gap_line],
         primary="student_kd",
@@ -213,18 +213,6 @@ def _teacher_origin(recipe: Recipe) -> str:
     if teacher.kind in FROZEN:
         return ", frozen (another framework's model)"
     return f", trained here: epochs {teacher.train.epochs}, lr {teacher.train.lr}"
-
-
-def describe(section: Any) -> str:
-    """'mlp [64]', 'cnn', 'factory my_models:build', 'onnx teacher.onnx' ..."""
-    spec = section.spec()
-    kind = spec.get("kind", "?")
-    if spec.get("factory"):
-        return f"factory {spec['factory']}"
-    if spec.get("path"):
-        return f"{kind} {Path(spec['path']).name}"
-    sizes = [spec[k] for k in ("hidden", "channels", "widths") if spec.get(k)]
-    return " ".join([kind, *(str(v) for v in sizes)])
 
 
 def load_results(run_dir: Path) -> dict[str, Any]:

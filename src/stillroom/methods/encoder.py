@@ -266,9 +266,10 @@ def load_text_teacher(
     return tiny_bert(section.tiny.config(), kind, len(tokenizer), num_labels), tokenizer
 
 
-def protected_paths(teacher: TextTeacherSection, source: str) -> tuple[Path | None, ...]:
+def protected_paths(teacher: TextTeacherSection, data: Any) -> tuple[Path | None, ...]:
+    """What --force must never delete: the teacher's folder and the user's text data."""
     teacher_path = resolve_model_path(teacher.path) if teacher.path else None
-    return teacher_path, Path(source) if source != "bbc_news" else None
+    return teacher_path, getattr(data, "path", None)
 
 
 def train_args(
@@ -398,9 +399,7 @@ def run_encoder(
             "distill.hidden_weight=0"
         )
     loaders = _loaders(recipe, {"train": train, "val": val, "test": test}, tokenizer, teacher)
-    prepare_run_dir(
-        run_dir, recipe, resume, force, protected_paths(recipe.teacher, recipe.data.source)
-    )
+    prepare_run_dir(run_dir, recipe, resume, force, protected_paths(recipe.teacher, recipe.data))
     tokenizer.save_pretrained(run_dir / "tokenizer")
     hard = [TermSpec("hard_label", 1.0, name="hard_label")]
 

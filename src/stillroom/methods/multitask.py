@@ -42,6 +42,7 @@ from torch import nn
 from stillroom.config import DistillSection, RecipeBase, TermSection, TrainSection
 from stillroom.data.multitask import (
     MultiTaskData,
+    MultiTaskSourceName,
     hide_task_labels,
     labelled_any,
     load_multitask,
@@ -117,7 +118,7 @@ class TaskSection(_Section):
 
 
 class MultiTaskDataSection(_Section):
-    source: Literal["digits", "npz"] = Field(
+    source: MultiTaskSourceName = Field(
         "digits", description="digits: digit (10 classes) + slant (regression); npz: your arrays"
     )
     path: Path | None = Field(None, description="npz: inputs + one target_<task> array per task")

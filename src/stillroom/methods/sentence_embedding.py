@@ -323,9 +323,7 @@ def run_sentence_embedding(
     run_dir = Path(run_dir)
     check_run_dir_free(run_dir, resume, force)
     prepared = prepare(recipe)
-    prepare_run_dir(
-        run_dir, recipe, resume, force, protected_paths(recipe.teacher, recipe.data.source)
-    )
+    prepare_run_dir(run_dir, recipe, resume, force, protected_paths(recipe.teacher, recipe.data))
     length = cache_embeddings(prepared, run_dir / "teacher_store", resume, progress)
     held_out = run_dir / "teacher_embeddings.safetensors"
     if held_out.is_file():
