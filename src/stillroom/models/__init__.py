@@ -21,6 +21,7 @@ from stillroom.io import atomic_save_tensors, atomic_write_text
 from stillroom.models.cnn import SmallCNN
 from stillroom.models.external import OnnxModule, SklearnModule
 from stillroom.models.factory import build_from_factory
+from stillroom.models.hf import build_hf, saved_spec
 from stillroom.models.mlp import MLP
 from stillroom.models.multiexit import build_multiexit
 from stillroom.models.multitask import build_multitask
@@ -97,6 +98,7 @@ MODELS: dict[str, Callable[[dict[str, Any], tuple[int, ...], int], nn.Module]] =
     "multitask": build_multitask,  # shared trunk + named task heads (multi-task)
     "preprocessed": build_preprocessed,  # any of these with its data's standardisation (export)
     "factory": _build_factory,  # the user's own nn.Module: spec {"factory": "module:function"}
+    "hf": build_hf,  # a transformers image classifier folder (config.json + model.safetensors)
     "onnx": _build_onnx,  # frozen teachers from other frameworks, in the user's units
     "sklearn": _build_sklearn,
 }
@@ -161,8 +163,11 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
 
 
 def save_model(model: nn.Module, spec: dict[str, Any], directory: Path, **meta: Any) -> Path:
-    """Write `model.safetensors` and `model.json` (spec, input shape, outputs) into `directory`."""
+    """Write `model.safetensors` and `model.json` (spec, input shape, outputs) into `directory`.
+    An hf model's spec keeps its transformers config, not the folder it came from."""
     directory = Path(directory)
+    if spec.get("kind") == "hf":
+        spec = saved_spec(model, spec)
     directory.mkdir(parents=True, exist_ok=True)
     save_weights(model, directory / "model.safetensors")
     atomic_write_text(directory / "model.json", json.dumps({"spec": spec, **meta}, indent=2))
