@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from helpers import assert_user_error, stillroom
+from helpers import assert_user_error, stillroom_in_process
 from stillroom.errors import StillroomError
 from stillroom.llm.causal import (
     CausalLM,
@@ -288,7 +288,9 @@ SMALL = [
 
 def test_cli_runs_the_tiny_recipe_and_its_numbers_hold(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    result = stillroom("distill", TINY, *SMALL, "distill.top_k=8", "--out", run, "--no-progress")
+    result = stillroom_in_process(
+        "distill", TINY, *SMALL, "distill.top_k=8", "--out", run, "--no-progress"
+    )
     assert result.returncode == 0, result.stderr
     assert "student_kd" in result.stdout and "gap closed" in result.stdout
     for folder in ("teacher", "student_scratch", "student_kd"):
@@ -330,7 +332,7 @@ def test_cli_runs_the_tiny_recipe_and_its_numbers_hold(tmp_path: Path) -> None:
 
 
 def test_cli_bad_teacher_folder_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
-    result = stillroom(
+    result = stillroom_in_process(
         "distill",
         TINY,
         "teacher.tiny=null",

@@ -5,9 +5,7 @@ trip, a tiny CLI run; the real all-MiniLM-L6-v2 in a slow test."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from helpers import ROOT, assert_user_error
+from helpers import assert_user_error, stillroom_in_process
 from stillroom.errors import StillroomError
 from stillroom.llm.embedding import (
     PackedEncoder,
@@ -52,15 +50,8 @@ def _encoder(seed: int = 0) -> tuple[SentenceEncoder, object]:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two threads on a busy 2-core machine only spin
-    return subprocess.run(
-        [sys.executable, "-m", "stillroom.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=240,
-        env=env,
-    )
+    """The CLI in this process (a subprocess would add ~6 s of imports and nothing else)."""
+    return stillroom_in_process(*args)
 
 
 def test_mean_pool_ignores_padding() -> None:
