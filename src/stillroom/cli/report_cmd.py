@@ -12,7 +12,9 @@ from stillroom.models import trust_factories
 
 
 def report_command(
-    run_dir: Annotated[Path, typer.Argument(help="a finished run folder, e.g. runs/digits")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="a finished run folder of any method, e.g. runs/digits")
+    ],
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="report folder (default RUN_DIR/report)")
     ] = None,
@@ -26,7 +28,8 @@ def report_command(
     ] = None,
     trust_factory: TrustFactoryOption = False,
 ) -> None:
-    """Measure teacher and students on this machine and write report.html, report.json and PNGs."""
+    """Write report.html, report.json and PNGs: a classic run's models measured again on this
+    machine; any other method's run from the numbers its summary.json holds."""
     from stillroom.report import Timing, build_report  # matplotlib loads only for this command
 
     if trust_factory:
