@@ -230,12 +230,20 @@ def test_cli_end_to_end(tmp_path: Path) -> None:
     page = (out / "report" / "report.html").read_text()
     assert "exit1" in page and "plain_scratch" in page and "Settings" in page
     assert json.loads((out / "report" / "report.json").read_text())["method"] == "self_distill"
+    _, recipe = load_method_recipe(out / "config.yaml")
     # `stillroom export RUN_DIR` ships the exit the summary names
     exported = CliRunner().invoke(app, ["export", str(out), "-f", "onnx"])
     assert exported.exit_code == 0, exported.output
     manifest = json.loads((out / "export" / "manifest.json").read_text())
     final = json.loads((out / "results.json").read_text())["exits"]["final"]
     assert manifest["model"]["parameters"] == final["parameters"]
+    # checked on the run's own test split, as a classic run's student is
+    assert manifest["source"] == {
+        "run_dir": str(out.resolve()),
+        "role": "self_distilled/exits/final",
+        "split": "test",
+    }
+    assert manifest["parity"]["checked_samples"] == len(prepare_data(recipe)[0].test)
     payload = json.loads((out / "results.json").read_text())
     assert list(payload["exits"]) == ["exit1", "final"]
     _, recipe = load_method_recipe(out / "config.yaml")

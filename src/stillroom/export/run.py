@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from stillroom.data import to_user_units
+from stillroom.config import read_recipe_tree, validate_recipe
+from stillroom.data import ArrayData, prepare_splits, to_user_units
+from stillroom.data.section import DataSection
 from stillroom.errors import StillroomError
 from stillroom.export.formats import FORMATS, TOLERANCE, ExportResult, Tolerance, export_model
 from stillroom.export.run_folder import open_run
@@ -46,7 +48,16 @@ def export_path(
     if (path / SUMMARY).is_file() and (summary := read_summary(path)).method != "classic":
         # another method's run: its summary names the student to ship
         folder = _primary_folder(path, summary)
-        return export_path(folder, out_dir or path / "export", formats, int8, force)
+        out = out_dir or path / "export"
+        test = _test_split(path)
+        if test is None or not (folder / "model.json").is_file():
+            return export_path(folder, out, formats, int8, force)
+        model, meta = load_model(folder, user_units=True)
+        return "run", _export_checked_on(
+            model, meta, to_user_units(test), out, formats or tuple(FORMATS), int8, force,
+            TOLERANCE, {"run_dir": str(path.resolve()), "role": folder.relative_to(path).as_posix(),
+                        "split": "test"},
+        )  # fmt: skip
     if (
         path.is_dir()
         and not (path / "config.yaml").is_file()
@@ -58,6 +69,23 @@ def export_path(
             "model.safetensors); give the folder `stillroom distill` wrote, or one of its students"
         )
     return "run", export_run(path, out_dir, int8, force, formats=formats or tuple(FORMATS))
+
+
+def _test_split(run_dir: Path) -> ArrayData | None:
+    """The test split of an array method's run, rebuilt from its config.yaml (a pure function of
+    the recipe and its seed); None where the method's data is not the data layer's (multi-task,
+    text). The recipe is only validated: no factory it names is imported."""
+    from stillroom.methods import METHODS
+
+    tree, source = read_recipe_tree(run_dir / "config.yaml")
+    method = METHODS.get(str(tree.get("method", "classic")))
+    if method is None:
+        return None
+    recipe = validate_recipe(tree, source, method.schema)
+    data = getattr(recipe, "data", None)
+    if not isinstance(data, DataSection):
+        return None
+    return prepare_splits(data, recipe.seed).test
 
 
 def _primary_folder(run_dir: Path, summary: Summary) -> Path:
@@ -91,20 +119,44 @@ def export_run(
     run = open_run(Path(run_dir), required=(role,))
     # exported in the user's units: raw features in, predictions in the target's own units
     model, meta = in_user_units(*run.load(role))
-    test = to_user_units(run.test)
+    return _export_checked_on(
+        model,
+        meta,
+        to_user_units(run.test),
+        Path(out_dir) if out_dir is not None else run.path / "export",
+        formats,
+        int8,
+        force,
+        tolerance,
+        {"run_dir": str(run.path.resolve()), "role": role, "split": "test"},
+    )
+
+
+def _export_checked_on(
+    model: torch.nn.Module,
+    meta: dict,
+    test: ArrayData,
+    out: Path,
+    formats: tuple[str, ...] | list[str],
+    int8: bool,
+    force: bool,
+    tolerance: Tolerance,
+    source: dict,
+) -> ExportResult:
+    """Export `model` with parity (and int8 accuracy) checked on a run's test split."""
     return export_model(
         model,
         (test.inputs[:2],),
-        Path(out_dir) if out_dir is not None else run.path / "export",
+        Path(out),
         check_inputs=(test.inputs,),
         targets=test.targets,
-        task=run.task,
+        task=test.task,
         config=meta,
         formats=formats,
         int8=int8,
         force=force,
         tolerance=tolerance,
-        source={"run_dir": str(run.path.resolve()), "role": role, "split": "test"},
+        source=source,
     )
 
 
