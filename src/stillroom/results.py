@@ -201,12 +201,17 @@ def _caption(summary: Summary) -> list[str]:
     return [f"{summary.metric}: {way} is better; latency: CPU, batch 1, median", *summary.notes]
 
 
+def table_cells(summary: Summary) -> tuple[list[str], list[list[str]]]:
+    """(headers, one row of cells per model): what results.md and the HTML pages show."""
+    return _headers(summary), [_cells(summary, row) for row in summary.models]
+
+
 def markdown_table(summary: Summary) -> str:
     """results.md: the title, the table of every model, the notes and the settings."""
-    headers = _headers(summary)
+    headers, rows = table_cells(summary)
     lines = [f"# {summary.title}", "", "| " + " | ".join(headers) + " |"]
     lines.append("|" + "---|" * len(headers))
-    lines += ["| " + " | ".join(_cells(summary, row)) + " |" for row in summary.models]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     lines += ["", *_caption(summary)]
     if summary.settings:
         lines += ["", "settings:", ""]

@@ -254,14 +254,13 @@ def gap_closed(rows: dict[str, dict[str, Any]], metric: str) -> float | None:
     """(kd - scratch) / (teacher - scratch): the share of the teacher's lead the distillation
     recovers. None without a scratch student, or when the teacher does not lead (the ratio would
     be meaningless). `metric` may be "<output>/<metric>" (multi-task)."""
+    from stillroom.results import gap_note  # the one formula, with the line that explains it
     from stillroom.train.evaluate import METRICS  # the loop's table; runs.py stays import-light
 
     if "student_scratch" not in rows:
         return None
-    lead = rows["teacher"][metric] - rows["student_scratch"][metric]
     lower_is_better = {name: way for name, way in METRICS.values()}.get(
         metric.rsplit("/", 1)[-1]
     ) == "min"
-    if not (lead < -1e-12 if lower_is_better else lead > 1e-12):
-        return None
-    return (rows["student_kd"][metric] - rows["student_scratch"][metric]) / lead
+    value = {role: rows[role][metric] for role in ("teacher", "student_scratch", "student_kd")}
+    return gap_note(*value.values(), metric, not lower_is_better)[0]

@@ -26,7 +26,7 @@ from stillroom.io import atomic_write_json, atomic_write_text
 from stillroom.report.figures import DPI, curves
 from stillroom.report.html import CSS, _e, _table
 from stillroom.report.numbers import machine
-from stillroom.results import Summary, markdown_table
+from stillroom.results import Summary, table_cells
 
 
 def phase_folders(run_dir: Path) -> tuple[str, ...]:
@@ -97,7 +97,7 @@ def write_summary_report(run_dir: Path, out: Path, summary: Summary) -> Path:
 
 
 def render_summary_html(numbers: dict[str, Any], summary: Summary, figures: dict[str, Path]) -> str:
-    headers, *body = _markdown_rows(summary)
+    headers, body = table_cells(summary)
     m = numbers["measurement"]["machine"]
     parts = [
         "<!DOCTYPE html>",
@@ -139,7 +139,7 @@ def write_index(
         f"<h1>{_e(title)}</h1>",
     ]
     for name, summary in summaries.items():
-        headers, *body = _markdown_rows(summary)
+        headers, body = table_cells(summary)
         parts.append(f"<h2>{_e(summary.title)}</h2>")
         parts.append(_table(headers, [(cells[0], cells) for cells in body]))
         parts += [f'<p class="meta">{_e(note)}</p>' for note in summary.notes]
@@ -149,11 +149,3 @@ def write_index(
     parts.append("</body></html>")
     atomic_write_text(Path(folder) / "index.html", "\n".join(parts) + "\n")
     return Path(folder) / "index.html"
-
-
-def _markdown_rows(summary: Summary) -> list[list[str]]:
-    return [
-        [cell.strip() for cell in line.strip("|").split("|")]
-        for line in markdown_table(summary).splitlines()
-        if line.startswith("|") and not line.startswith("|---")
-    ]
