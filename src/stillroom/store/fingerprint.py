@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from stillroom.data import ArrayData
+from stillroom.data.mapped import MappedInputs
 from stillroom.errors import StillroomError
 from stillroom.models import count_parameters
 from stillroom.models.external import OnnxModule, SklearnModule
@@ -46,8 +47,10 @@ class InputSource:
     def __init__(self, data: torch.Tensor | ArrayData | Dataset) -> None:
         if isinstance(data, ArrayData):
             data = data.inputs
-        self.tensor = data if isinstance(data, torch.Tensor) else None
-        self.dataset = None if isinstance(data, torch.Tensor) else data
+        # inputs mapped from disk index like a tensor: a batch read is one read of those rows
+        rows = isinstance(data, torch.Tensor | MappedInputs)
+        self.tensor = data if rows else None
+        self.dataset = None if rows else data
         if self.dataset is not None:
             try:
                 len(self.dataset)  # type: ignore[arg-type]
