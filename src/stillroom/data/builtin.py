@@ -16,19 +16,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from stillroom.data.mapped import MappedInputs, npz_member
 from stillroom.errors import StillroomError
 from stillroom.losses import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
 class ArrayData:
-    """A dataset held in memory.
+    """A dataset: its inputs in memory, or on disk read a batch at a time (`MappedInputs`).
 
-    inputs: (N, *input_shape) float32. targets: (N,) int64 class ids (IGNORE_INDEX = no label) for
+    inputs: (N, *input_shape) float32 (a tensor, or mapped rows that index like one). targets: (N,) int64 class ids (IGNORE_INDEX = no label) for
     classification; (N,) or (N, D) float32 (NaN = no label) for regression.
     """
 
-    inputs: torch.Tensor
+    inputs: torch.Tensor | MappedInputs
     targets: torch.Tensor
     task: str
     num_outputs: int
@@ -44,8 +45,18 @@ class ArrayData:
     def __len__(self) -> int:
         return self.inputs.shape[0]
 
+    @property
+    def mapped(self) -> bool:
+        """True when the inputs stay on disk and are read a batch at a time."""
+        return isinstance(self.inputs, MappedInputs)
+
     def subset(self, index: torch.Tensor) -> ArrayData:
-        return replace(self, inputs=self.inputs[index], targets=self.targets[index])
+        inputs = self.inputs.take(index) if self.mapped else self.inputs[index]  # type: ignore[union-attr]
+        return replace(self, inputs=inputs, targets=self.targets[index])
+
+    def head(self, n: int) -> ArrayData:
+        """The first `n` samples, in memory (for checks that need a few real inputs)."""
+        return replace(self, inputs=self.inputs[:n], targets=self.targets[:n])
 
 
 @dataclass(frozen=True)
@@ -81,7 +92,10 @@ def read_diabetes() -> ArrayData:
     )
 
 
-def read_npz(path: Path) -> ArrayData:
+def read_npz(path: Path, memory_limit_mb: float | None = None) -> ArrayData:
+    """An .npz with arrays `inputs` (N, ...) and `targets` (N,) or (N, D). Inputs larger than
+    `memory_limit_mb` (as float32) stay on disk, mapped in place and read a batch at a time; that
+    needs the file written uncompressed (np.savez, not np.savez_compressed)."""
     path = Path(path)
     if not path.is_file():
         raise StillroomError(f"data file {path} does not exist; check data.path")
@@ -94,30 +108,43 @@ def read_npz(path: Path) -> ArrayData:
                     f"{path} lacks array(s) {sorted(missing)}; it holds {arrays.files}. Save it with "
                     "np.savez(path, inputs=X, targets=y)"
                 )
-            inputs, targets = arrays["inputs"], arrays["targets"]
-    except (ValueError, OSError) as err:
+            targets = arrays["targets"]
+            shape = _member_shape(arrays, "inputs")
+            mapped = memory_limit_mb is not None and np.prod(shape) * 4 > memory_limit_mb * 2**20
+            if mapped:
+                inputs = npz_member(path, "inputs")
+                if inputs is None:
+                    raise StillroomError(
+                        f"{path}: its inputs ({np.prod(shape) * 4 / 2**30:.1f} GiB as float32) are "
+                        f"over data.memory_limit_mb={memory_limit_mb:g} and compressed, so they "
+                        "cannot be read a batch at a time; save them with np.savez (not "
+                        "np.savez_compressed) or raise data.memory_limit_mb"
+                    )
+            else:
+                inputs = arrays["inputs"]
+    except (ValueError, OSError, KeyError) as err:
         raise StillroomError(f"cannot read {path} as .npz without pickles ({err})") from err
     if len(inputs) != len(targets):
         raise StillroomError(
             f"{path}: {len(inputs)} inputs but {len(targets)} targets; they must match"
         )
+    x = MappedInputs(inputs) if mapped else torch.tensor(inputs, dtype=torch.float32)
     if np.issubdtype(targets.dtype, np.integer):
         num_classes = int(targets.max()) + 1 if len(targets) else 0
         return ArrayData(
-            torch.tensor(inputs, dtype=torch.float32),
-            torch.tensor(targets, dtype=torch.int64),
-            "classification",
-            num_classes,
-            path.stem,
+            x, torch.tensor(targets, dtype=torch.int64), "classification", num_classes, path.stem
         )
     tgt = torch.tensor(targets, dtype=torch.float32)
-    return ArrayData(
-        torch.tensor(inputs, dtype=torch.float32),
-        tgt,
-        "regression",
-        1 if tgt.dim() == 1 else tgt.shape[1],
-        path.stem,
-    )
+    return ArrayData(x, tgt, "regression", 1 if tgt.dim() == 1 else tgt.shape[1], path.stem)
+
+
+def _member_shape(arrays: Any, name: str) -> tuple[int, ...]:
+    """The shape of an .npz member, read from its header alone."""
+    with arrays.zip.open(f"{name}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(member)[0]
+        return np.lib.format.read_array_header_2_0(member)[0]
 
 
 def split(data: ArrayData, test_fraction: float, val_fraction: float, seed: int) -> Splits:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from stillroom.data.builtin import ArrayData
+from stillroom.data.mapped import MappedInputs, scratch_array
 from stillroom.errors import StillroomError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -33,13 +34,16 @@ def read_image_folder(
     size: tuple[int, int] | None = None,
     mode: str | None = None,
     classes: list[str] | None = None,
+    memory_limit_mb: float | None = None,
+    workdir: Path | None = None,
 ) -> tuple[ArrayData, dict[str, Any]]:
     """Every image under root/<class>/ (nested folders included), labelled by its class folder.
 
     classes: None for a training folder (the sorted subfolder names); the training classes for a
     val/test folder, so class ids match (a class may have no folder there, but an extra folder is an
     error). size (H, W) resizes with bilinear filtering; None needs every image to share one size.
-    mode "L" or "RGB"; None picks "L" when every image is grayscale.
+    mode "L" or "RGB"; None picks "L" when every image is grayscale. Decoded pixels over
+    `memory_limit_mb` go to a scratch file in `workdir` and are read a batch at a time.
 
     Returns the data (inputs (N, C, H, W) float32 in [0, 1], targets (N,) int64) and the JSON-able
     settings {"size": [H, W], "mode", "classes", "images": N} to read later folders the same way.
@@ -76,6 +80,8 @@ def read_image_folder(
         size,
         mode,
         names=[p.relative_to(root).as_posix() for p in paths],
+        memory_limit_mb=memory_limit_mb,
+        workdir=workdir,
     )
     settings = {
         "size": list(pixels.shape[2:]),
@@ -95,13 +101,17 @@ def decode_images(
     mode: str | None = None,
     *,
     names: Sequence[str] | None = None,
-) -> torch.Tensor:
+    memory_limit_mb: float | None = None,
+    workdir: Path | None = None,
+) -> torch.Tensor | MappedInputs:
     """(N, C, H, W) float32 in [0, 1] from undecoded images ({"bytes": ..., "path": ...}; bytes
     first, as a saved `datasets` folder embeds them).
 
     size (H, W) resizes with bilinear filtering; None needs one shared size. mode "L" (C = 1) or
     "RGB" (C = 3); None picks "L" when every image is grayscale. Alpha channels are dropped.
-    names label the images in error messages (default: their paths).
+    names label the images in error messages (default: their paths). Pixels over
+    `memory_limit_mb` (as float32) are decoded one image at a time into a scratch file in
+    `workdir` (`stillroom.data.mapped.scratch_array`) and come back as `MappedInputs`.
     """
     assert len(items) > 0, "decode_images needs at least one image"
     if mode is not None and mode not in IMAGE_MODES:
@@ -127,7 +137,15 @@ def decode_images(
                     )
             size = (first_h, first_w)
     height, width = size
-    pixels = np.empty((len(items), height, width, 1 if mode == "L" else 3), dtype=np.float32)
+    channels = 1 if mode == "L" else 3
+    if memory_limit_mb is not None and len(items) * channels * height * width * 4 > (
+        memory_limit_mb * 2**20
+    ):
+        mapped = scratch_array((len(items), channels, height, width), workdir)
+        for i, (item, name) in enumerate(zip(items, names, strict=True)):
+            mapped[i] = _decode(item, name, mode, (width, height)).transpose(2, 0, 1)
+        return MappedInputs(mapped)
+    pixels = np.empty((len(items), height, width, channels), dtype=np.float32)
     for i, (item, name) in enumerate(zip(items, names, strict=True)):
         pixels[i] = _decode(item, name, mode, (width, height))
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()

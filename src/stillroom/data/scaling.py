@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from stillroom.data.builtin import ArrayData, Splits
+from stillroom.data.mapped import MappedInputs, flat_mean_std
 
 
 def _target_stats(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +43,11 @@ def standardize(splits: Splits, inputs: bool, numeric: list[bool] | None = None)
     }
     in_mean = in_std = t_mean = t_std = None
     if inputs:
-        flat = train.inputs.reshape(len(train), -1)
-        in_mean, in_std = flat.mean(0), flat.std(0)
+        if isinstance(train.inputs, MappedInputs):
+            in_mean, in_std = flat_mean_std(train.inputs)  # a chunk at a time
+        else:
+            flat = train.inputs.reshape(len(train), -1)
+            in_mean, in_std = flat.mean(0), flat.std(0)
         # a constant feature carries nothing to scale; one-hot columns stay 0/1
         in_std = torch.where(in_std > 1e-8, in_std, torch.ones_like(in_std))
         if numeric is not None:
@@ -61,7 +65,9 @@ def standardize(splits: Splits, inputs: bool, numeric: list[bool] | None = None)
 
     def rescale(data: ArrayData) -> ArrayData:
         x, y = data.inputs, data.targets
-        if in_mean is not None:
+        if in_mean is not None and isinstance(x, MappedInputs):
+            x = x.rescaled(in_mean, in_std)  # applied as each batch is read
+        elif in_mean is not None:
             x = ((x.reshape(len(data), -1) - in_mean) / in_std).reshape(x.shape)
         if t_mean is not None:
             y = (y - t_mean) / t_std
@@ -76,7 +82,9 @@ def to_user_units(data: ArrayData) -> ArrayData:
     if pre is None:
         return data
     x, y = data.inputs, data.targets
-    if pre["input_mean"] is not None:
+    if isinstance(x, MappedInputs):
+        x = x.raw()
+    elif pre["input_mean"] is not None:
         mean, std = torch.tensor(pre["input_mean"]), torch.tensor(pre["input_std"])
         x = (x.reshape(len(data), -1) * std + mean).reshape(x.shape)
     if pre["target_mean"] is not None:

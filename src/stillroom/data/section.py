@@ -68,6 +68,18 @@ class DataSection(BaseModel):
         "targets for all of them (the few-labels + unlabeled transfer set setting)",
     )
     batch_size: int = Field(64, ge=1)
+    memory_limit_mb: float = Field(
+        2048,
+        ge=0,
+        description="data larger than this (inputs as float32, or a table's files) is not loaded "
+        "whole: it is read a batch at a time from disk (an uncompressed .npz in place; images and "
+        "tables decoded once into a scratch file)",
+    )
+    scratch_dir: Path | None = Field(
+        None,
+        description="where decoded data over memory_limit_mb is kept while the run lasts, as a "
+        "file with no name that is gone when the run ends (default: the system's temporary folder)",
+    )
 
     @model_validator(mode="after")
     def _paths_fit_the_source(self) -> DataSection:

@@ -45,9 +45,10 @@ def _builtin(read: Callable[[], ArrayData]) -> Callable[[DataSection], Loaded]:
 
 def _npz(section: DataSection) -> Loaded:
     assert section.path is not None  # the section's validator requires it
-    data = read_npz(section.path)
-    val = read_npz(section.val_path) if section.val_path else None
-    test = read_npz(section.test_path) if section.test_path else None
+    limit = section.memory_limit_mb
+    data = read_npz(section.path, limit)
+    val = read_npz(section.val_path, limit) if section.val_path else None
+    test = read_npz(section.test_path, limit) if section.test_path else None
     # flat feature vectors are standardised by default; image-shaped arrays keep their scale
     return Loaded(data, val, test, {"source": "npz"}, standardize=data.inputs.dim() == 2)
 
@@ -63,6 +64,8 @@ def _table(section: DataSection) -> Loaded:
         "format": section.source,
         "image_size": section.image_size,
         "image_mode": section.image_mode,
+        "memory_limit_mb": section.memory_limit_mb,
+        "workdir": section.scratch_dir,
     }
     data, encoding = read_table(section.path, split=section.split, **options)
     own = {}
@@ -81,12 +84,14 @@ def _images(section: DataSection) -> Loaded:
 
     assert section.path is not None
     size, mode = section.image_size, section.image_mode
-    data, settings = read_image_folder(section.path, size=size, mode=mode)
+    memory = {"memory_limit_mb": section.memory_limit_mb, "workdir": section.scratch_dir}
+    data, settings = read_image_folder(section.path, size=size, mode=mode, **memory)
     # val/test folders are read exactly as the training folder was: same size, mode and classes
     again = {
         "size": tuple(settings["size"]),
         "mode": settings["mode"],
         "classes": settings["classes"],
+        **memory,
     }
     own = {
         name: read_image_folder(path, **again)[0]

@@ -90,6 +90,8 @@ def read_table(
     encoding: TableEncoding | None = None,
     image_size: tuple[int, int] | None = None,
     image_mode: str | None = None,
+    memory_limit_mb: float | None = None,
+    workdir: Path | None = None,
 ) -> tuple[ArrayData, TableEncoding]:
     """Read a table and encode it: inputs (N, F) float32 (or (N, C, H, W) for an image column),
     targets (N,) int64 class ids (IGNORE_INDEX where the label is missing) or float32 (NaN).
@@ -98,17 +100,16 @@ def read_table(
     or ClassLabel label, regression for a float one. split picks a DatasetDict's split ("train" by
     default). encoding (the training table's) is reused exactly, and a file without the label
     column then reads as unlabelled. image_size (H, W) / image_mode: as for an image folder.
+    A file (or saved folder) larger than `memory_limit_mb` is read in record batches, its inputs
+    kept in a scratch file in `workdir` (`stillroom.data.table_batches`).
     """
     path = Path(path)
     fmt = _format(path, format)
-    table, class_names, image_columns = _load(path, fmt, split)
-    if table.num_rows == 0:
-        raise StillroomError(f"{path} has no rows; give a table with at least one")
     if task is not None and task not in TASKS:
         raise StillroomError(f"unknown task {task!r}; use {' or '.join(TASKS)}")
-    if encoding is None:
-        columns = _input_columns(table, label, inputs, path)
-    else:
+    if split is not None and fmt != "hf_disk":
+        raise StillroomError(f"data.split {split!r} applies only to a DatasetDict folder; drop it")
+    if encoding is not None:
         given, saved = (
             (label, inputs, task),
             (encoding.label_column, encoding.input_columns, encoding.task),
@@ -118,6 +119,27 @@ def read_table(
                 f"label, inputs, task {list(given)} differ from the training table's {list(saved)}; "
                 "every file of a run is read the same way"
             )
+    if memory_limit_mb is not None and _file_bytes(path) > memory_limit_mb * 2**20:
+        from stillroom.data.table_batches import read_table_batches
+
+        return read_table_batches(
+            path,
+            fmt,
+            label=label,
+            inputs=inputs,
+            task=task,
+            split=split,
+            encoding=encoding,
+            image_size=image_size,
+            image_mode=image_mode,
+            workdir=workdir,
+        )
+    table, class_names, image_columns = _load(path, fmt, split)
+    if table.num_rows == 0:
+        raise StillroomError(f"{path} has no rows; give a table with at least one")
+    if encoding is None:
+        columns = _input_columns(table, label, inputs, path)
+    else:
         columns = encoding.input_columns
     arrays = {name: _plain(_column(table, name, path), name, path) for name in columns}
     if len(columns) == 1 and columns[0] in image_columns:
@@ -129,6 +151,13 @@ def read_table(
     num_outputs = len(classes) if classes is not None else 1
     name = path.name if fmt == "hf_disk" else path.stem
     return ArrayData(x, targets, task, num_outputs, name), encoding
+
+
+def _file_bytes(path: Path) -> int:
+    """Bytes on disk of a file, or of every file in a saved folder."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
 
 
 def _format(path: Path, format: str | None) -> str:
