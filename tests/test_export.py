@@ -375,12 +375,33 @@ def test_a_bare_model_folder_exports_checked_on_random_inputs(tmp_path: Path) ->
         assert (folder / "export" / name).is_file(), name
 
 
-def test_a_model_folder_with_several_outputs_is_refused_in_one_line(tmp_path: Path) -> None:
+def test_a_model_with_several_heads_exports_them_as_named_outputs(tmp_path: Path) -> None:
+    """A multi-task student (a dict of outputs) exports every head, named, with one parity
+    check over all of them; ONNX Runtime returns them by name."""
     from stillroom.models import build_model, save_model
     from stillroom.models.multitask import multitask_spec
 
     spec = multitask_spec({"a": ("classification", 3), "b": ("regression", 1)}, hidden=[8])
     folder = tmp_path / "multitask"
-    save_model(build_model(spec, (1, 8, 8), 4), spec, folder, input_shape=[1, 8, 8], num_outputs=4)
-    assert_user_error(stillroom_in_process("export", folder), "several outputs (a, b)")
-    assert not (folder / "export").exists()
+    torch.manual_seed(0)
+    model = build_model(spec, (1, 8, 8), 4)
+    save_model(model, spec, folder, input_shape=[1, 8, 8], num_outputs=4)
+    result = stillroom_in_process("export", folder)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((folder / "export" / "manifest.json").read_text())
+    assert manifest["outputs"] == [
+        {"name": "a", "shape": ["batch", 3]},
+        {"name": "b", "shape": ["batch", 1]},
+    ]
+    assert manifest["passed"] and set(manifest["parity"]["formats"]) == {
+        "safetensors",
+        "torch_export",
+        "onnx",
+    }
+    session = ort.InferenceSession(str(folder / "export" / "model.onnx"))
+    x = torch.rand(5, 1, 8, 8)
+    a, b = session.run(["a", "b"], {"input": x.numpy()})
+    with torch.no_grad():
+        eager = model.eval()(x)
+    assert torch.allclose(torch.from_numpy(a), eager["a"], atol=1e-5)
+    assert torch.allclose(torch.from_numpy(b), eager["b"], atol=1e-5)

@@ -35,7 +35,7 @@ from torch import nn
 
 from stillroom.errors import StillroomError
 from stillroom.export.run_folder import task_metric
-from stillroom.export.runtime import onnx_tools, quiet, run_in_chunks, run_onnx
+from stillroom.export.runtime import onnx_tools, pack_outputs, quiet, run_in_chunks, run_onnx
 from stillroom.io import atomic_write_json
 from stillroom.models import count_parameters, save_weights
 
@@ -86,19 +86,31 @@ class Signature:
 
     dynamic: per input, {dim: axis name}; inputs that share an axis name share one torch.export
     Dim (they are batched together); output_axes: the same for the output, for the manifest.
+    output: the output's name, or the names of several (a model returning a dict, e.g. one head
+    per task: the exports return those tensors, named, in this order).
     Default: one input "input" with a dynamic dim 0 "batch".
     """
 
     names: tuple[str, ...] = ("input",)
     dynamic: tuple[dict[int, str], ...] = ({0: "batch"},)
-    output: str = "output"
+    output: str | tuple[str, ...] = "output"
     output_axes: dict[int, str] = field(default_factory=lambda: {0: "batch"})
 
+    @property
+    def outputs(self) -> list[str]:
+        return [self.output] if isinstance(self.output, str) else list(self.output)
+
+    @property
+    def fetch(self) -> str | list[str]:
+        """What `run_onnx` fetches: the one output as it is, or the list of several (packed)."""
+        return self.output if isinstance(self.output, str) else list(self.output)
+
     @classmethod
-    def batched(cls, count: int) -> Signature:
-        """`count` inputs batched on dim 0: "input", or "input_0", "input_1", ..."""
+    def batched(cls, count: int, outputs: tuple[str, ...] | None = None) -> Signature:
+        """`count` inputs batched on dim 0: "input", or "input_0", "input_1", ...; one output
+        "output", or the named `outputs` of a model that returns a dict."""
         names = ("input",) if count == 1 else tuple(f"input_{i}" for i in range(count))
-        return cls(names, tuple({0: "batch"} for _ in names))
+        return cls(names, tuple({0: "batch"} for _ in names), outputs or "output")
 
     def dynamic_shapes(self) -> tuple[dict[int, Any], ...]:
         dims = {name: torch.export.Dim(name) for axes in self.dynamic for name in axes.values()}
@@ -168,11 +180,32 @@ def _load_safetensors(job: ExportJob) -> Runner:
     return lambda *xs: _eager(reloaded, *xs)
 
 
+class _NamedOutputs(nn.Module):
+    """A model that returns a dict, returning its tensors as a tuple in the signature's order:
+    what the tracing exporters write as several named outputs."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(*inputs)
+        return tuple(out[name] for name in self.names)
+
+
+def _traced(job: ExportJob) -> tuple[nn.Module, Any]:
+    """The module the tracing exporters see, and its dynamic shapes."""
+    shapes = job.signature.dynamic_shapes()
+    if isinstance(job.signature.output, str):
+        return job.model, shapes
+    # forward(*inputs) takes its inputs as one tuple argument: so do its dynamic shapes
+    return _NamedOutputs(job.model, job.signature.outputs), (shapes,)
+
+
 def _write_torch_export(job: ExportJob) -> None:
     with quiet():
-        program = torch.export.export(
-            job.model, job.example, dynamic_shapes=job.signature.dynamic_shapes()
-        )
+        module, shapes = _traced(job)
+        program = torch.export.export(module, job.example, dynamic_shapes=shapes)
         torch.export.save(program, job.out_dir / PROGRAM)
 
 
@@ -184,16 +217,17 @@ def _load_torch_export(job: ExportJob) -> Runner:
 
 def _write_onnx(job: ExportJob) -> None:
     signature = job.signature
+    module, shapes = _traced(job)
     with quiet():
         torch.onnx.export(
-            job.model,
+            module,
             job.example,
             str(job.out_dir / ONNX),
             dynamo=True,
             external_data=False,  # one self-contained file, as deployment tools expect
-            dynamic_shapes=signature.dynamic_shapes(),
+            dynamic_shapes=shapes,
             input_names=list(signature.names),
-            output_names=[signature.output],
+            output_names=signature.outputs,
             opset_version=ONNX_OPSET,
             verbose=False,
         )
@@ -201,8 +235,8 @@ def _write_onnx(job: ExportJob) -> None:
 
 def _load_onnx(job: ExportJob) -> Runner:
     session = onnx_tools().session(job.out_dir / ONNX)
-    names, output = list(job.signature.names), job.signature.output
-    return lambda *xs: run_onnx(session, names, xs, output)
+    names, fetch = list(job.signature.names), job.signature.fetch
+    return lambda *xs: run_onnx(session, names, xs, fetch)
 
 
 FORMATS: dict[str, Format] = {
@@ -264,7 +298,8 @@ def export_model(
     model_info: dict[str, Any] | None = None,
     extra_files: dict[str, Path] | None = None,
 ) -> ExportResult:
-    """Export `model` (any nn.Module with tensor inputs and one tensor output) into `out_dir`.
+    """Export `model` (any nn.Module with tensor inputs and one tensor output, or a dict of
+    them, e.g. a head per task: each becomes a named output) into `out_dir`.
 
     Args:
         model: the module; a copy without forward hooks (feature taps) is exported in eval mode
@@ -304,7 +339,10 @@ def export_model(
     example_inputs = _as_tuple(example_inputs)
     example = tuple(_at_least_two(x) for x in example_inputs)
     check = _as_tuple(check_inputs) if check_inputs is not None else example_inputs
-    signature = signature or Signature.batched(len(example))
+    with torch.no_grad():
+        probe = model(*example)
+    named = tuple(probe) if isinstance(probe, dict) else None
+    signature = signature or Signature.batched(len(example), named)
     job = ExportJob(model, example, out_dir, signature, config or {})
 
     reference = run_in_chunks(lambda *xs: _eager(model, *xs), check)
@@ -333,9 +371,13 @@ def export_model(
     if int8:
         tools.quantize(out_dir / ONNX, out_dir / ONNX_INT8)
         int8_session = tools.session(out_dir / ONNX_INT8)
-        names, output = list(signature.names), signature.output
-        quantised = run_in_chunks(lambda *xs: run_onnx(int8_session, names, xs, output), check)
-        int8_report = _int8_report(reference, quantised, targets, task)
+        names, fetch = list(signature.names), signature.fetch
+        quantised = run_in_chunks(lambda *xs: run_onnx(int8_session, names, xs, fetch), check)
+        # several outputs pack into one tensor: no single task metric describes them
+        one = isinstance(fetch, str)
+        int8_report = _int8_report(
+            reference, quantised, targets if one else None, task if one else ""
+        )
 
     manifest = {
         "format_version": 1,
@@ -353,7 +395,14 @@ def export_model(
             }
             for n, x, dynamic in zip(signature.names, example, signature.dynamic, strict=True)
         ],
-        "outputs": [{"name": signature.output, "shape": _axes(reference, signature.output_axes)}],
+        "outputs": [
+            {"name": name, "shape": _axes(out, signature.output_axes)}
+            for name, out in zip(
+                signature.outputs,
+                [probe[n] for n in signature.outputs] if named else [reference],
+                strict=True,
+            )
+        ],
         "parity": {
             "checked_samples": int(check[0].shape[0]),
             "tolerance": {"atol": tolerance.atol, "rtol": tolerance.rtol, "allowed": allowed},
@@ -446,12 +495,18 @@ def _zeroed_copy(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _eager(model: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+def _eager(model: Callable[..., Any], *inputs: torch.Tensor) -> torch.Tensor:
+    """The model's output as one float tensor: several outputs (a dict, or the tuple an export of
+    one returns) packed as `pack_outputs` does, so one parity check covers them all."""
     out = model(*inputs)
+    if isinstance(out, dict):
+        out = tuple(out.values())
+    if isinstance(out, tuple | list) and all(isinstance(x, torch.Tensor) for x in out):
+        return pack_outputs(out)
     if not isinstance(out, torch.Tensor):
         raise StillroomError(
-            f"export needs a model that returns one tensor, got {type(out).__name__}; wrap it in "
-            "a module whose forward returns the tensor to deploy"
+            f"export needs a model that returns a tensor or a dict of tensors, got "
+            f"{type(out).__name__}; wrap it in a module whose forward returns what to deploy"
         )
     return out.float()
 

@@ -22,11 +22,23 @@ CHUNK = 1024
 
 
 def run_onnx(
-    session: Any, names: list[str], inputs: tuple[torch.Tensor, ...], output: str = "output"
+    session: Any,
+    names: list[str],
+    inputs: tuple[torch.Tensor, ...],
+    output: str | list[str] = "output",
 ) -> torch.Tensor:
-    """The `output` of an onnxruntime session fed `inputs` under `names`, as a float32 tensor."""
+    """The `output` of an onnxruntime session fed `inputs` under `names`, as a float32 tensor
+    (several outputs named in a list: packed into one, as `pack_outputs`)."""
     feeds = {name: x.numpy() for name, x in zip(names, inputs, strict=True)}
-    return torch.from_numpy(np.asarray(session.run([output], feeds)[0])).float()
+    outputs = [output] if isinstance(output, str) else output
+    results = [torch.from_numpy(np.asarray(r)) for r in session.run(outputs, feeds)]
+    return results[0].float() if isinstance(output, str) else pack_outputs(results)
+
+
+def pack_outputs(outputs: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
+    """Several (N, ...) outputs as one (N, total) float tensor, each flattened after dim 0 and
+    laid side by side in order: one tensor to check an export's parity on."""
+    return torch.cat([x.float().reshape(len(x), -1) for x in outputs], dim=1)
 
 
 def run_in_chunks(
