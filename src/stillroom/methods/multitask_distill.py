@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_save_tensors
-from stillroom.objective import TermSpec, to_device
+from stillroom.objective import DEFAULT_TEMPERATURE, DkdSpec, TermSpec, field_default, to_device
 from stillroom.teachers import CachedTeacher, FrozenTeacher, Teacher
 from stillroom.train import TrainArgs, distill
 from stillroom.train.loop import DistillResult
@@ -46,10 +46,10 @@ class TaskSpec:
     kind: str
     weight: float = 1.0
     alpha: float = 0.9
-    temperature: float = 4.0
+    temperature: float = DEFAULT_TEMPERATURE
     loss: str | None = None
-    dkd_alpha: float = 1.0
-    dkd_beta: float = 8.0
+    dkd_alpha: float = field_default(DkdSpec, "dkd_alpha")
+    dkd_beta: float = field_default(DkdSpec, "dkd_beta")
 
     @property
     def kd_loss(self) -> str:

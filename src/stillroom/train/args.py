@@ -6,7 +6,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from stillroom.losses import HARD_LABEL_TERMS
-from stillroom.objective import OUTPUT_KINDS, TERMS, TermSpec
+from stillroom.objective import (
+    DEFAULT_TEMPERATURE,
+    OUTPUT_KINDS,
+    TERMS,
+    DkdSpec,
+    TermSpec,
+    field_default,
+)
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "constant")
@@ -30,10 +37,10 @@ class TrainArgs:
     scheduler: str = "cosine"
     warmup_steps: int = 0
     alpha: float | None = 0.9
-    temperature: float = 4.0
+    temperature: float = DEFAULT_TEMPERATURE
     loss: str = "soft_target"
-    dkd_alpha: float = 1.0
-    dkd_beta: float = 8.0
+    dkd_alpha: float = field_default(DkdSpec, "dkd_alpha")
+    dkd_beta: float = field_default(DkdSpec, "dkd_beta")
     terms: tuple[TermSpec, ...] = ()
     task: str = "classification"
     # models with named outputs (multi-task heads, self-distillation exits): the task of each
