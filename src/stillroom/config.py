@@ -76,6 +76,12 @@ class ModelSection(_Section):
         [],
         description="kind factory: folders searched first for its module (the recipe's is added)",
     )
+    new_head: bool = Field(
+        False,
+        description="kind hf: replace the folder's classification head by a fresh one sized for "
+        "the data's classes (a pretrained backbone, e.g. with ImageNet's 1000 labels, trained "
+        "here on yours)",
+    )
 
     @model_validator(mode="after")
     def _kind_has_its_fields(self) -> ModelSection:
@@ -86,6 +92,10 @@ class ModelSection(_Section):
             raise ValueError(f"kind '{self.kind}' needs path: {what}")
         if self.kind != "factory" and (self.factory or self.kwargs):
             raise ValueError(f"factory/kwargs are for kind 'factory', not '{self.kind}'")
+        if self.new_head and self.kind != "hf":
+            raise ValueError(
+                f"new_head is for kind 'hf' (a transformers folder), not '{self.kind}'"
+            )
         return self
 
     def spec(self) -> dict[str, Any]:
@@ -102,7 +112,8 @@ class ModelSection(_Section):
             }
         if self.kind in PATH_KINDS:
             assert self.path is not None
-            return {"kind": self.kind, "path": str(self.path.resolve())}
+            spec = {"kind": self.kind, "path": str(self.path.resolve())}
+            return {**spec, "new_head": True} if self.new_head else spec
         spec: dict[str, Any] = {"kind": self.kind, "hidden": self.hidden, "dropout": self.dropout}
         if self.kind == "cnn":
             spec["channels"] = self.channels
