@@ -199,8 +199,7 @@ def test_hf_student_exports_to_onnx(hf_run: Path) -> None:
     [
         (
             {"num_labels": 3},
-            "has num_labels 3 (config.json) but the data has 10 outputs; use a folder whose head "
-            "has 10 labels",
+            "has num_labels 3 (config.json) but the data has 10 outputs; set new_head: true",
         ),
         (
             {"image_size": 16},

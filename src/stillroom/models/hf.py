@@ -7,16 +7,26 @@ initialised). It loads offline, from safetensors only, never with trust_remote_c
 `stillroom.llm.hub`). Any architecture `AutoModelForImageClassification` knows fits: ViT,
 ConvNeXt, ResNet, Swin, ...
 
-A model folder stillroom writes for it carries the transformers config inside model.json's spec
-({"kind": "hf", "config": {...}}), so `load_model` rebuilds it without the original folder.
+`new_head: true` replaces the folder's classification head by a fresh one with the data's
+number of classes (transformers' `num_labels=..., ignore_mismatched_sizes=True`): the usual way
+to train a pretrained backbone on one's own labels. When the folder holds the image processor's
+`preprocessor_config.json`, its pixel settings travel with the model: images (stillroom's [0, 1]
+pixels) are resized to the processor's size and normalised with its mean and std inside the
+forward, so training, the store, evaluation and every export see what the model was made for.
+
+A model folder stillroom writes for it carries the transformers config (and those pixel
+settings) inside model.json's spec ({"kind": "hf", "config": {...}, "pixels": {...}}), so
+`load_model` rebuilds it without the original folder.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from stillroom.errors import StillroomError
@@ -24,13 +34,26 @@ from stillroom.errors import StillroomError
 
 class HFImageClassifier(nn.Module):
     """forward(x: (N, C, H, W) float) -> (N, num_labels) logits of a transformers image classifier
-    (`model(pixel_values=x).logits`): one tensor, so the loop, store and export take it as is."""
+    (`model(pixel_values=x).logits`): one tensor, so the loop, store and export take it as is.
 
-    def __init__(self, model: nn.Module, source: str) -> None:
+    pixels: the image processor's settings ({"size": [H, W] | None, "mean": [...] | None,
+    "std": [...] | None}), applied to x first: resized (bilinear), then (x - mean) / std."""
+
+    def __init__(self, model: nn.Module, source: str, pixels: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.model, self.source = model, source
+        self.model, self.source, self.pixels = model, source, pixels or {}
+        mean, std = self.pixels.get("mean"), self.pixels.get("std")
+        # buffers, not parameters: they move with the model and are in its safetensors
+        if mean is not None and std is not None:
+            self.register_buffer("pixel_mean", torch.tensor(mean).reshape(1, -1, 1, 1))
+            self.register_buffer("pixel_std", torch.tensor(std).reshape(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.pixels.get("size")
+        if size is not None and tuple(x.shape[-2:]) != tuple(size):
+            x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+        if "mean" in self.pixels and self.pixels["mean"] is not None:
+            x = (x - self.pixel_mean) / self.pixel_std
         return self.model(pixel_values=x).logits
 
     def config_dict(self) -> dict[str, Any]:
@@ -44,8 +67,8 @@ class HFImageClassifier(nn.Module):
         if config.num_labels != num_outputs:
             raise StillroomError(
                 f"{where} has num_labels {config.num_labels} (config.json) but the data has "
-                f"{num_outputs} outputs; use a folder whose head has {num_outputs} labels (load it "
-                f"with num_labels={num_outputs}, ignore_mismatched_sizes=True and save_pretrained)"
+                f"{num_outputs} outputs; set new_head: true in its section for a fresh head of "
+                f"{num_outputs} classes, or use a folder whose head has {num_outputs} labels"
             )
         if len(input_shape) != 3:
             raise StillroomError(
@@ -90,8 +113,9 @@ def _transformers() -> Any:
     return transformers_module()
 
 
-def _from_folder(folder: Path) -> nn.Module:
-    """The folder's image classifier: its weights when it has safetensors, else a fresh one."""
+def _from_folder(folder: Path, num_labels: int | None = None) -> nn.Module:
+    """The folder's image classifier: its weights when it has safetensors, else a fresh one.
+    num_labels: a fresh head of that many classes in place of the folder's."""
     from stillroom.llm.hub import resolve_model_dir
 
     transformers = _transformers()
@@ -103,8 +127,12 @@ def _from_folder(folder: Path) -> nn.Module:
         raise StillroomError(f"hf model folder {folder} has no config.json")
     auto = transformers.AutoModelForImageClassification
     logging = transformers.utils.logging
-    shown = logging.is_progress_bar_enabled()
+    shown, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
     logging.disable_progress_bar()  # a "Loading weights" bar for a file read in a blink is noise
+    head = {} if num_labels is None else {"num_labels": num_labels}
+    if head:
+        # "newly initialized: classifier.weight" is what was asked for: not a warning here
+        logging.set_verbosity_error()
     try:
         if any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin")):
             resolve_model_dir(folder)  # refuses pickled weights, with how to convert them
@@ -114,9 +142,11 @@ def _from_folder(folder: Path) -> nn.Module:
                 trust_remote_code=False,
                 use_safetensors=True,
                 dtype=torch.float32,
+                **head,
+                **({"ignore_mismatched_sizes": True} if head else {}),
             )
         config = transformers.AutoConfig.from_pretrained(
-            folder, local_files_only=True, trust_remote_code=False
+            folder, local_files_only=True, trust_remote_code=False, **head
         )
         return auto.from_config(config, trust_remote_code=False, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as err:
@@ -126,8 +156,41 @@ def _from_folder(folder: Path) -> nn.Module:
             f"{first}"
         ) from None
     finally:
+        logging.set_verbosity(verbosity)
         if shown:
             logging.enable_progress_bar()
+
+
+def _pixels(folder: Path) -> dict[str, Any] | None:
+    """The pixel settings of the folder's image processor (preprocessor_config.json), if any:
+    {"size": [H, W] | None, "mean": [...] | None, "std": [...] | None}. Only the numbers are
+    read; no processor class is built."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StillroomError(f"{path} is not valid JSON ({err}); fix or remove it") from None
+    if not isinstance(config, dict):
+        raise StillroomError(f"{path} must hold a JSON object; fix or remove it")
+    size = config.get("size") if config.get("do_resize", True) else None
+    if isinstance(size, dict) and {"height", "width"} <= set(size):
+        size = [int(size["height"]), int(size["width"])]
+    elif isinstance(size, int):
+        size = [size, size]
+    else:
+        size = None  # shortest_edge / crop schemes: the data's image_size decides
+    mean, std = config.get("image_mean"), config.get("image_std")
+    if not config.get("do_normalize", True) or mean is None or std is None:
+        mean = std = None
+    elif not (
+        isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) and all(std)
+    ):
+        raise StillroomError(
+            f"{path}: image_mean and image_std must be lists of one number per channel"
+        )
+    return {"size": size, "mean": mean, "std": std}
 
 
 def _from_config(config: dict[str, Any]) -> nn.Module:
@@ -151,10 +214,12 @@ def build_hf(spec: dict[str, Any], input_shape: tuple[int, ...], num_outputs: in
     """spec {"kind": "hf", "path": FOLDER} (a recipe's) or {"kind": "hf", "config": {...}} (a
     model.json's: the architecture alone, the weights are in the folder beside it)."""
     if "config" in spec:
-        model = HFImageClassifier(_from_config(spec["config"]), spec.get("source", "model.json"))
+        source = spec.get("source", "model.json")
+        model = HFImageClassifier(_from_config(spec["config"]), source, spec.get("pixels"))
     else:
         folder = Path(spec["path"])
-        model = HFImageClassifier(_from_folder(folder), str(folder))
+        labels = num_outputs if spec.get("new_head") else None
+        model = HFImageClassifier(_from_folder(folder, labels), str(folder), _pixels(folder))
     model.check_fits(tuple(input_shape), num_outputs)
     return model
 
@@ -163,4 +228,5 @@ def saved_spec(model: nn.Module, spec: dict[str, Any]) -> dict[str, Any]:
     """The spec model.json keeps for an hf model: its config, so no other folder is needed."""
     assert isinstance(model, HFImageClassifier), type(model)
     source = spec.get("source", spec.get("path"))
-    return {"kind": "hf", "config": model.config_dict(), "source": source}
+    saved = {"kind": "hf", "config": model.config_dict(), "source": source}
+    return {**saved, "pixels": model.pixels} if model.pixels else saved
