@@ -59,7 +59,7 @@ class MappedInputs:
         if isinstance(key, int):
             return self._read(np.array([key]))[0]
         if isinstance(key, slice):
-            return self._read(np.arange(len(self))[key])
+            return self._read(np.arange(*key.indices(len(self))))
         return self._read(np.asarray(key, dtype=np.int64).reshape(-1))
 
     def _read(self, rows: np.ndarray) -> torch.Tensor:
