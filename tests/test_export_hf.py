@@ -39,7 +39,7 @@ def exported(causal_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     """The one end-to-end run of the feature: `stillroom export FOLDER --out OUT`."""
     before = tree_digest(causal_folder)
     out = tmp_path_factory.mktemp("exports") / "causal"
-    result = stillroom_in_process("export", causal_folder, "--out", out)
+    result = stillroom_in_process("export", causal_folder, "--out", out, "--int8")
     assert result.returncode == 0, result.stderr
     assert tree_digest(causal_folder) == before  # the student folder is only read
     return out, result.stdout
@@ -115,9 +115,14 @@ def test_other_formats_are_refused_for_a_transformers_folder(causal_folder, tmp_
     out = tmp_path / "out"
     result = stillroom_in_process("export", causal_folder, "--out", out, "--format", "torch_export")
     assert_user_error(result, "a transformers folder exports to onnx, not torch_export")
-    result = stillroom_in_process("export", causal_folder, "--out", out, "--int8")
-    assert_user_error(result, "--int8 is not available for transformers folders")
     assert not out.exists()
+
+
+def test_a_transformers_student_exports_int8_too(exported) -> None:
+    out, _ = exported
+    report = json.loads((out / "manifest.json").read_text())["int8"]
+    assert (out / "model_int8.onnx").stat().st_size < (out / "model.onnx").stat().st_size
+    assert report["max_abs_diff"] > 0 and 0 <= report["top1_agreement_with_fp32"] <= 1
 
 
 def test_a_failed_onnx_export_is_one_line(causal_folder, tmp_path, monkeypatch) -> None:

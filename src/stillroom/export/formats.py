@@ -311,7 +311,8 @@ def export_model(
             data, e.g. a test split: random inputs miss the ranges a model actually sees.
         targets: labels for `check_inputs`; with int8, the task metric of float32 and int8 is
             reported.
-        task: "classification" (accuracy, agreement) or "regression" (rmse).
+        task: "classification" (accuracy, agreement) or "regression" (rmse); "tokens" for
+            (N, L, V) language-model logits (int8 agreement of the predicted token).
         config: JSON-able description written to model.json (e.g. a stillroom model.json: spec,
             input_shape, num_outputs), so the weights can be rebuilt without guessing.
         formats: names of FORMATS rows to write (default: all of them).
@@ -528,6 +529,9 @@ def _int8_report(
     }
     if task == "classification":
         agreement = (quantised.argmax(1) == reference.argmax(1)).float().mean().item()
+        report["top1_agreement_with_fp32"] = agreement
+    elif task == "tokens":  # (N, L, V) logits: the next token each position predicts
+        agreement = (quantised.argmax(-1) == reference.argmax(-1)).float().mean().item()
         report["top1_agreement_with_fp32"] = agreement
     if targets is not None:
         metric = "accuracy" if task == "classification" else "rmse"

@@ -157,17 +157,15 @@ def export_transformers_folder(
 ) -> ExportResult:
     """Export a transformers folder (a student of the encoder, sentence_embedding or causal_lm
     methods) to ONNX in `out_dir` (default `folder/export`), with its tokenizer files beside it.
-    Parity: onnxruntime against eager PyTorch on seeded random token ids (the manifest says so)."""
+    Parity: onnxruntime against eager PyTorch on seeded random token ids (the manifest says so).
+    int8: also model_int8.onnx (onnxruntime dynamic quantisation), with its largest difference
+    and its agreement with float32 (class, or next token) on those ids."""
     folder = Path(folder)
     unsupported = [name for name in check_formats(formats) if name not in TRANSFORMERS_FORMATS]
     if unsupported:
         raise StillroomError(
             f"a transformers folder exports to {', '.join(TRANSFORMERS_FORMATS)}, not "
             f"{', '.join(unsupported)}: its weights are already safetensors (the folder itself)"
-        )
-    if int8:
-        raise StillroomError(
-            "--int8 is not available for transformers folders yet; export the float32 ONNX file"
         )
     model, info = load_token_model(folder)
     length = min(CHECK_LENGTH, info["max_positions"])
@@ -188,6 +186,11 @@ def export_transformers_folder(
         Path(out_dir) if out_dir is not None else folder / "export",
         check_inputs=check,
         formats=formats,
+        int8=int8,
+        # int8 agreement: of the class for a classifier, of the next token for a language model
+        task={"sequence_classification": "classification", "causal_lm": "tokens"}.get(
+            info["kind"], ""
+        ),
         force=force,
         tolerance=tolerance,
         source={
