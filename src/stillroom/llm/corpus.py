@@ -6,6 +6,8 @@
                                                 of {"text": ...} or {"prompt": ..., "completion": ...}
     read_corpus("csv", path, text="body")       a text column of your table (csv, json, parquet,
                                                 hf_disk; stillroom.data.text): a document per row
+    read_corpus("csv", path, text="question", completion="answer")
+                                                prompt/completion pairs from two columns
     tokenize_corpus(corpus, tokenizer, block_length=128, ...) -> TokenSplits(train, val, test)
 
 Plain text is joined (eos between documents), tokenised, and cut into blocks of `block_length`
@@ -53,10 +55,12 @@ def read_corpus(
     *,
     text: str = "text",
     split: str | None = None,
+    completion: str | None = None,
 ) -> Corpus:
     """Read a row of CORPUS_SOURCES (module docstring): `path` for "file" and the tables, `plays`
-    for "shakespeare", `text` (the column) and `split` (hf_disk) for the tables. One-line errors
-    for an unknown source, a missing file and an empty corpus."""
+    for "shakespeare", `text` (the column) and `split` (hf_disk) for the tables; `completion`
+    names a second column, making `text` the prompts and the rows prompt/completion pairs.
+    One-line errors for an unknown source, a missing file and an empty corpus."""
     if source not in CORPUS_SOURCES:
         raise StillroomError(
             f"corpus source must be one of {', '.join(CORPUS_SOURCES)}, got {source!r}"
@@ -66,7 +70,14 @@ def read_corpus(
             f"data.source={source} needs data.path: "
             + ("a .txt, a folder of .txt, or a .jsonl" if source == "file" else "your table")
         )
-    request = CorpusRequest(Path(path) if path is not None else None, plays or [], text, split)
+    if completion is not None and source not in TEXT_TABLE_SOURCES:
+        raise StillroomError(
+            f"data.completion names a column of a table; data.source={source} has none (a .jsonl "
+            'file gives pairs as {"prompt": ..., "completion": ...} lines)'
+        )
+    request = CorpusRequest(
+        Path(path) if path is not None else None, plays or [], text, split, completion
+    )
     corpus = CORPUS_SOURCES[source](request)
     corpus.documents = [d for d in corpus.documents if d.strip()]
     if not corpus.documents and not corpus.pairs:
@@ -82,6 +93,7 @@ class CorpusRequest:
     plays: list[str]
     text: str
     split: str | None
+    completion: str | None = None
 
 
 def _sonnets(request: CorpusRequest) -> Corpus:
@@ -101,7 +113,17 @@ def _table(fmt: str) -> Callable[[CorpusRequest], Corpus]:
     def read(request: CorpusRequest) -> Corpus:
         assert request.path is not None  # read_corpus requires it
         table = read_text_table(request.path, text=request.text, format=fmt, split=request.split)
-        return Corpus(str(request.path), list(table.texts))
+        if request.completion is None:
+            return Corpus(str(request.path), list(table.texts))
+        if request.completion == request.text:
+            raise StillroomError(
+                f"data.text and data.completion both name column {request.text!r}; the "
+                "completion is another column"
+            )
+        answers = read_text_table(
+            request.path, text=request.completion, format=fmt, split=request.split
+        )
+        return Corpus(str(request.path), pairs=list(zip(table.texts, answers.texts, strict=True)))
 
     return read
 

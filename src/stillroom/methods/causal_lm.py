@@ -156,7 +156,16 @@ class CorpusSection(_Section):
         None,
         description="file: .txt, folder of .txt, or .jsonl; tables: your table (a folder: hf_disk)",
     )
-    text: str = Field("text", description="tables: the column holding the text, a document per row")
+    text: str = Field(
+        "text",
+        description="tables: the column holding the text, a document per row (the prompt when "
+        "data.completion is set)",
+    )
+    completion: str | None = Field(
+        None,
+        description="tables: a column of completions; each row is then one prompt/completion "
+        "sequence and only the completion is learnt (and distilled)",
+    )
     split: str | None = Field(
         None, description="hf_disk: which split of a saved DatasetDict (default train)"
     )
@@ -297,7 +306,14 @@ class Setup:
 def prepare(recipe: CausalLMRecipe) -> Setup:
     """Load or size the models, check tokenizers and lengths, tokenise the corpus."""
     data = recipe.data
-    corpus = read_corpus(data.source, data.path, data.plays, text=data.text, split=data.split)
+    corpus = read_corpus(
+        data.source,
+        data.path,
+        data.plays,
+        text=data.text,
+        split=data.split,
+        completion=data.completion,
+    )
     if recipe.teacher.tiny is not None:
         tiny = recipe.teacher.tiny
         tokenizer = train_tokenizer(
