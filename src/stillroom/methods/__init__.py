@@ -34,6 +34,7 @@ from stillroom.methods import (
     encoder,
     ensemble,
     multitask,
+    ranking,
     self_distill,
     sentence_embedding,
 )
@@ -107,6 +108,12 @@ METHODS: dict[str, Method] = {
         ensemble.run_ensemble,
         "several teachers of any architectures merged into one soft label (mean of probabilities "
         "or logits, fixed or validation-fitted weights) -> one student; reports every member",
+    ),
+    "ranking": Method(
+        ranking.RankingRecipe,
+        ranking.run_ranking,
+        "a big recommender (NeuMF, two-tower) or ensemble distilled into a small real-time one on "
+        "implicit feedback: pointwise, ranking (Tang & Wang), listwise, relaxed (DE-RRD) terms",
     ),
 }
 
