@@ -8,11 +8,19 @@ losses, models and the loop never see a config object.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stillroom.data.section import DataSection
 from stillroom.errors import StillroomError
@@ -28,6 +36,66 @@ from stillroom.objective import (
 from stillroom.train.args import TrainArgs
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
+
+MAX_WIDTH = 1 << 16
+"""The widest layer (hidden width, channels) a recipe may ask for: wider would not fit in memory
+next to any realistic input."""
+MAX_LAYERS = 64
+MAX_SEED = 2**32 - 1
+"""Seeds go to numpy as well as torch: numpy takes 0 .. 2**32 - 1."""
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+"""A recipe expands to at most this many YAML nodes (aliases counted as what they expand to): a
+kilobyte of nested aliases could otherwise expand to gigabytes."""
+MAX_YAML_DEPTH = 64
+MAX_SHOWN = 120
+"""Characters of a given value quoted in an error message."""
+
+Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
+Widths = Annotated[list[Width], Field(max_length=MAX_LAYERS)]
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
+
+
+def shorten(text: str, limit: int = MAX_SHOWN) -> str:
+    """`text` cut to `limit` characters, saying how long it was: no error line grows unbounded."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def _check_yaml_size(text: str, source: str) -> None:
+    """Refuse YAML that nests deeper than MAX_YAML_DEPTH or expands (aliases included) beyond
+    MAX_YAML_NODES, from the event stream, before anything is built from it."""
+    sizes: dict[str, int] = {}  # anchor -> nodes it expands to
+    frames: list[list[Any]] = [[None, 0]]  # [anchor, nodes so far] per open collection
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            frames[-1][1] += sizes.get(event.anchor or "", 1)
+        elif isinstance(event, yaml.ScalarEvent):
+            frames[-1][1] += 1
+            if event.anchor:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.CollectionStartEvent):
+            if len(frames) > MAX_YAML_DEPTH:
+                raise StillroomError(
+                    f"{source}: YAML nested deeper than {MAX_YAML_DEPTH} levels; a recipe is a "
+                    "few sections deep"
+                )
+            frames.append([event.anchor, 1])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, count = frames.pop()
+            if anchor:
+                sizes[anchor] = count
+            frames[-1][1] += count
+        if frames[-1][1] > MAX_YAML_NODES:
+            raise StillroomError(
+                f"{source}: YAML expands to more than {MAX_YAML_NODES:,} values (aliases "
+                "repeated?); write the recipe out plainly"
+            )
+
+
+def safe_yaml(text: str, source: str) -> Any:
+    """yaml.safe_load, bounded in depth and expansion (see _check_yaml_size)."""
+    _check_yaml_size(text, source)
+    return yaml.safe_load(text)
 
 
 class _Section(BaseModel):
@@ -50,12 +118,14 @@ class ModelSection(_Section):
         "transformers image classifier folder (trained here from its weights); onnx / sklearn: a "
         "teacher from another framework (a .onnx file, or an estimator saved with skops)",
     )
-    hidden: list[int] = Field(
+    hidden: Widths = Field(
         [64], description="widths of the fully connected hidden layers (mlp, cnn)"
     )
-    channels: list[int] = Field([32, 64], description="conv channels per block (cnn only)")
-    widths: list[int] = Field([16, 32, 64], description="channels per stage (resnet only)")
-    blocks: list[int] = Field([1, 1, 1], description="residual blocks per stage (resnet only)")
+    channels: Widths = Field([32, 64], description="conv channels per block (cnn only)")
+    widths: Widths = Field([16, 32, 64], description="channels per stage (resnet only)")
+    blocks: Annotated[list[Annotated[int, Field(ge=1, le=MAX_LAYERS)]], Field(max_length=16)] = (
+        Field([1, 1, 1], description="residual blocks per stage (resnet only)")
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout after hidden layers (mlp, cnn)")
     factory: str | None = Field(
         None,
@@ -121,23 +191,26 @@ class ModelSection(_Section):
 
 
 class TrainSection(_Section):
-    epochs: int = Field(30, ge=1)
-    lr: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(30, ge=1, le=1_000_000)
+    lr: float = Field(3e-3, gt=0, le=1e6, allow_inf_nan=False)
+    weight_decay: float = Field(1e-4, ge=0, le=1e6, allow_inf_nan=False)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     scheduler: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=10**9)
     patience: int | None = Field(
-        None, ge=1, description="stop after this many epochs without a better val metric"
+        None,
+        ge=1,
+        le=1_000_000,
+        description="stop after this many epochs without a better val metric",
     )
-    grad_accum_steps: int = Field(1, ge=1)
-    max_grad_norm: float | None = Field(None, gt=0)
+    grad_accum_steps: int = Field(1, ge=1, le=1_000_000)
+    max_grad_norm: float | None = Field(None, gt=0, allow_inf_nan=False)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
 
 
 class TeacherSection(ModelSection):
     kind: Literal[MODEL_KINDS] = "cnn"  # type: ignore[valid-type]
-    hidden: list[int] = [128]
+    hidden: Widths = [128]
     checkpoint: Path | None = Field(
         None,
         description="a folder with model.json + model.safetensors written by stillroom (e.g. the "
@@ -157,12 +230,12 @@ each kind's fields and defaults are declared there, once)."""
 
 
 class DistillSection(TrainSection):
-    epochs: int = Field(60, ge=1)
-    lr: float = Field(1e-2, gt=0)
+    epochs: int = Field(60, ge=1, le=1_000_000)
+    lr: float = Field(1e-2, gt=0, le=1e6, allow_inf_nan=False)
     alpha: float = Field(
         0.9, ge=0, le=1, description="weight of the distillation term; 1 - alpha weights the labels"
     )
-    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0)
+    temperature: float = Field(DEFAULT_TEMPERATURE, gt=0, le=1e6, allow_inf_nan=False)
     loss: Literal[OUTPUT_KINDS] = Field(  # type: ignore[valid-type]
         "soft_target", description="the output distillation term weighted by alpha"
     )
@@ -185,11 +258,25 @@ class RecipeBase(_Section):
     `stillroom.methods.METHODS` maps the name to the schema."""
 
     name: str = Field(description="the run's name: its default folder is runs/<name>")
-    seed: int = Field(0, description="seed of data splits, initialisation and batch order")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="seed of data splits, initialisation and batch order"
+    )
     cpu: bool = Field(False, description="force the CPU even when an accelerator is present")
 
     absent: ClassVar[dict[str, str]] = {}
     """Sections other methods have and this one does not: key -> why, and what to do instead."""
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, name: str) -> str:
+        # runs/<name> must stay inside runs/: no separators, no "..", no absolute path
+        if not NAME_PATTERN.fullmatch(name) or name.strip(".") == "":
+            raise ValueError(
+                f"name {shorten(repr(name), 60)} must be a plain folder name (letters, digits, "
+                "'.', '_', '+', '-'; at most 100 characters), not a path: choose the folder with "
+                "--out"
+            )
+        return name
 
     @model_validator(mode="before")
     @classmethod
@@ -250,7 +337,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for key in keys[:-1]:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise StillroomError(f"override {dotted}: '{key}' holds a value, not a section")
+            raise StillroomError(
+                f"override {shorten(dotted)}: '{shorten(key)}' holds a value, not a section"
+            )
         node = child
     node[keys[-1]] = value
 
@@ -261,12 +350,17 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise StillroomError(
-                f"override {item!r} must look like key=value, e.g. distill.alpha=0.5"
+                f"override {shorten(repr(item))} must look like key=value, e.g. distill.alpha=0.5"
             )
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = safe_yaml(raw, f"override {key.strip()}") if raw.strip() else None
         except yaml.YAMLError:
             value = raw
+        if any(not part.strip() for part in key.strip().split(".")):
+            raise StillroomError(
+                f"override {shorten(repr(item))}: the key has an empty part; write it like "
+                "distill.alpha=0.5"
+            )
         _set_dotted(tree, key.strip(), value)
     return tree
 
@@ -312,11 +406,17 @@ def _explain(error: ValidationError, source: str, schema: type[BaseModel] = Reci
         allowed = list(node.__pydantic_fields__)
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else "."
+        if not close and not kind:  # the key may belong one section deeper (teacher.train.epochs)
+            deeper = _dotted_keys(node, tuple(str(p) for p in shown))
+            wanted = ".".join(str(p) for p in (*shown, loc[-1]))
+            near = [k for k in deeper if k.rsplit(".", 1)[-1] == str(loc[-1])]
+            near = near or difflib.get_close_matches(wanted, deeper, n=1, cutoff=0.75)
+            hint = f"; did you mean '{near[0]}'?" if near else "."
         if kind:  # a term section: name the kind, and the kinds the field belongs to
             where = ".".join(str(p) for p in shown)
             problem = spec_problem(kind, {**first, "loc": loc[-1:]})
             return f"{source}: {where}: {problem}{hint} Allowed here: {', '.join(allowed)}{more}"
-        path = ".".join(str(p) for p in loc)
+        path = shorten(".".join(str(p) for p in loc))
         return f"{source}: unknown key '{path}'{hint} Allowed here: {', '.join(allowed)}{more}"
     _, shown, _ = _node_at(loc, schema)
     path = ".".join(str(p) for p in shown) or "(top level)"
@@ -327,33 +427,105 @@ def _explain(error: ValidationError, source: str, schema: type[BaseModel] = Reci
         hint = f"; did you mean '{close[0]}'?" if close else ""
         what = f"unknown term kind {given!r}" if given is not None else "a term needs a kind"
         return f"{source}: {path}.kind: {what}{hint or '.'} Allowed: {', '.join(kinds)}{more}"
-    return f"{source}: {path}: {first['msg']} (given {first.get('input')!r}){more}"
+    given = shorten(repr(first.get("input")))
+    return f"{source}: {shorten(path)}: {shorten(first['msg'], 300)} (given {given}){more}"
+
+
+def _dotted_keys(node: type[Any], prefix: tuple[str, ...], depth: int = 3) -> list[str]:
+    """Every dotted key below the section class `node`, a few sections deep: the candidates a
+    misplaced key is matched against."""
+    keys = []
+    for name, field in node.__pydantic_fields__.items():
+        keys.append(".".join((*prefix, name)))
+        annotation = field.annotation
+        if (
+            depth > 0
+            and isinstance(annotation, type)
+            and hasattr(annotation, "__pydantic_fields__")
+        ):
+            keys.extend(_dotted_keys(annotation, (*prefix, name), depth - 1))
+    return keys
 
 
 def read_recipe_tree(
-    path: Path | str | None, overrides: list[str] | None = None
+    path: Path | str | None,
+    overrides: list[str] | None = None,
+    *,
+    trust_remote_code: bool = False,
 ) -> tuple[dict[str, Any], str]:
     """The raw recipe mapping (YAML file, or {} for the defaults) with overrides applied, and a
-    name for it in error messages."""
+    name for it in error messages.
+
+    trust_remote_code: the caller's own grant (the CLI's --trust-remote-code, or the Python
+        argument) to run Python files shipped in a model folder. A recipe cannot grant it: a
+        `trust_remote_code: true` in the file or an override is refused unless this is True."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path, source = Path(path), str(path)
+        path, source = Path(path), shorten(str(path), 200)
+        if not path.exists():
+            raise StillroomError(f"recipe {source} does not exist; see recipes/ for examples")
         if not path.is_file():
-            raise StillroomError(f"recipe {path} does not exist; see recipes/ for examples")
+            raise StillroomError(f"recipe {source} is not a file; give a .yaml recipe")
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise StillroomError(
+                f"recipe {source} is {path.stat().st_size:,} bytes; a recipe is a small YAML "
+                f"file (at most {MAX_RECIPE_BYTES:,} bytes)"
+            )
         try:
-            loaded = yaml.safe_load(path.read_text())
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise StillroomError(
+                f"recipe {source} is not UTF-8 text (byte {err.start}); give a YAML file"
+            ) from None
+        try:
+            loaded = safe_yaml(text, source)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(err, "problem", None) or "cannot be parsed"
-            raise StillroomError(f"{path}: invalid YAML{where}: {problem}") from None
+            raise StillroomError(f"{source}: invalid YAML{where}: {shorten(problem)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise StillroomError(
-                f"{path}: a recipe must be a mapping of sections, got {type(loaded).__name__}"
+                f"{source}: a recipe must be a mapping of sections, got {type(loaded).__name__}"
             )
         tree = loaded or {}
-    return apply_overrides(tree, overrides or []), source
+    tree = apply_overrides(tree, overrides or [])
+    _no_granted_code(tree, source, trust_remote_code)
+    return tree, source
+
+
+def _no_granted_code(tree: Any, source: str, granted: bool, where: str = "") -> None:
+    """Refuse `trust_remote_code: true` anywhere in a recipe unless the caller granted it; with
+    the grant, every teacher section that has the field gets it (see read_recipe_tree)."""
+    if not isinstance(tree, dict):
+        return
+    for key, value in tree.items():
+        here = f"{where}{key}"
+        if key == "trust_remote_code" and value not in (False, None) and not granted:
+            raise StillroomError(
+                f"{source}: {here}: a recipe cannot allow a model folder's Python code to run; "
+                "remove it and pass --trust-remote-code on the command line (Python: "
+                "trust_remote_code=True) if you trust the folder"
+            )
+        _no_granted_code(value, source, granted, f"{here}.")
+
+
+def grant_remote_code(tree: dict[str, Any], schema: type[BaseModel], source: str) -> None:
+    """The caller's --trust-remote-code applied to a recipe mapping: its teacher section gets
+    `trust_remote_code: true`, or one line when this method loads no folder that could run code."""
+    teacher = schema.model_fields.get("teacher")
+    annotation = teacher.annotation if teacher is not None else None
+    fields = getattr(annotation, "model_fields", {})
+    if "trust_remote_code" not in fields:
+        raise StillroomError(
+            f"{source}: --trust-remote-code is for recipes that load a transformers model folder "
+            f"(method causal_lm); method {tree.get('method', 'classic')!r} never runs a model "
+            "folder's code: drop the flag"
+        )
+    section = tree.setdefault("teacher", {})
+    if isinstance(section, dict):
+        section["trust_remote_code"] = True
 
 
 def validate_recipe(tree: dict[str, Any], source: str, schema: type[SchemaT]) -> SchemaT:

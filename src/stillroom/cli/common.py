@@ -29,6 +29,15 @@ TrustFactoryOption = Annotated[
         "imports and runs that module's code, so only for folders you trust",
     ),
 ]
+TrustRemoteCodeOption = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        metavar="",
+        help="let transformers run the Python files shipped in the recipe's model folder "
+        "(modeling_*.py): arbitrary code, only for folders you trust; a recipe cannot ask for it",
+    ),
+]
 ReportOption = Annotated[
     bool,
     typer.Option(

@@ -14,6 +14,7 @@ from stillroom.cli.common import (
     OverridesArg,
     ProgressOption,
     ReportOption,
+    TrustRemoteCodeOption,
     console,
     fresh_run_dir,
 )
@@ -68,12 +69,15 @@ def distill_command(
     force: ForceOption = False,
     progress: ProgressOption = True,
     report: ReportOption = True,
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Run a recipe (its `method:` picks the workflow; see `stillroom methods`)."""
     from stillroom.methods import load_method_recipe
     from stillroom.report import build_report
 
-    method, resolved = load_method_recipe(recipe, overrides or [])
+    method, resolved = load_method_recipe(
+        recipe, overrides or [], trust_remote_code=trust_remote_code
+    )
     run_dir = out or Path("runs") / resolved.name
     try:
         # a method replaces an earlier run only after every check passed: a typo loses nothing
@@ -91,11 +95,12 @@ def distill_command(
 def check(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe to validate")],
     overrides: OverridesArg = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
 ) -> None:
     """Validate a recipe and print it resolved, defaults included."""
     from stillroom.methods import load_method_recipe
 
-    _, resolved = load_method_recipe(recipe, overrides or [])
+    _, resolved = load_method_recipe(recipe, overrides or [], trust_remote_code=trust_remote_code)
     console.print(dump_recipe(resolved), end="", markup=False, highlight=False)
 
 

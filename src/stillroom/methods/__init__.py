@@ -25,7 +25,13 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from stillroom.config import read_recipe_tree, resolve_factories, validate_recipe
+from stillroom.config import (
+    grant_remote_code,
+    read_recipe_tree,
+    resolve_factories,
+    shorten,
+    validate_recipe,
+)
 from stillroom.errors import StillroomError
 from stillroom.methods import (
     born_again,
@@ -119,16 +125,23 @@ METHODS: dict[str, Method] = {
 
 
 def load_method_recipe(
-    path: Path | str | None, overrides: list[str] | None = None
+    path: Path | str | None,
+    overrides: list[str] | None = None,
+    *,
+    trust_remote_code: bool = False,
 ) -> tuple[Method, BaseModel]:
-    """Read a recipe of any method: its `method` key picks the schema it is validated against."""
-    tree, source = read_recipe_tree(path, overrides)
+    """Read a recipe of any method: its `method` key picks the schema it is validated against.
+    trust_remote_code: the caller's grant (never the recipe's) to run a model folder's code."""
+    tree, source = read_recipe_tree(path, overrides, trust_remote_code=trust_remote_code)
     name = tree.get("method", "classic")
     if not isinstance(name, str) or name not in METHODS:
         raise StillroomError(
-            f"{source}: method: unknown method {name!r}; available: {', '.join(METHODS)}"
+            f"{source}: method: unknown method {shorten(repr(name))}; available: "
+            f"{', '.join(METHODS)}"
         )
     method = METHODS[name]
+    if trust_remote_code:
+        grant_remote_code(tree, method.schema, source)
     recipe = validate_recipe(tree, source, method.schema)
     resolve_factories(recipe, path)
     return method, recipe
