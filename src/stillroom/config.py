@@ -312,6 +312,16 @@ class Recipe(RecipeBase):
     baseline: bool = Field(
         True, description="also train the student on labels alone, for comparison"
     )
+    tune: dict[str, Any] | None = Field(
+        None,
+        description="what `stillroom tune` searches (validated there: stillroom.tune.TuneSection);"
+        " distill ignores it",
+    )
+    search: dict[str, Any] | None = Field(
+        None,
+        description="what `stillroom search` varies of the student (validated there: "
+        "stillroom.tune.SearchSection); distill ignores it",
+    )
 
     @model_validator(mode="after")
     def _student_trains(self) -> Recipe:
@@ -546,6 +556,9 @@ def load_recipe(path: Path | str | None, overrides: list[str] | None = None) -> 
 def dump_recipe(recipe: BaseModel) -> str:
     """The resolved recipe as YAML: every field, defaults included, ready to run again."""
     tree = recipe.model_dump(mode="json")
+    for key in ("tune", "search"):  # unset, they stay out: earlier run folders still resume
+        if key in tree and tree[key] is None:
+            del tree[key]
     if "method" in tree:  # first, as a reader looks for it
         tree = {"method": tree.pop("method"), **tree}
     return yaml.safe_dump(tree, sort_keys=False)
