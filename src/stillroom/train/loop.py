@@ -111,6 +111,7 @@ def distill(
     resume: bool = False,
     args: TrainArgs | None = None,
     batch_transform: BatchTransform | None = None,
+    report: Callable[[int, float], None] | None = None,
     **overrides: Any,
 ) -> DistillResult:
     """Train `student` to imitate `teacher` (frozen) while fitting the labels.
@@ -129,6 +130,9 @@ def distill(
             terms=[TermSpec("hint", student="net.2", teacher="head.1")], ...).
         batch_transform: called on every training batch before the step (see BatchTransform);
             it must draw its randomness from (seed, step) for resumed runs to replay exactly.
+        report: called as report(epoch, val_value) after each epoch's checkpoint (epoch counts
+            from 1), e.g. a tuning trial reporting to its pruner; an exception it raises (such as
+            optuna.TrialPruned) stops training there and propagates.
 
     Returns:
         DistillResult with the student at its best validation epoch.
@@ -283,6 +287,8 @@ def distill(
                     critics=critics.modules if critics else None,
                     critic_optimizer=critics.optimizer,
                 )
+            if report is not None and value is not None:
+                report(epoch + 1, value)
 
     if run.stopped_early and accelerator.is_main_process:
         # said whether or not bars are shown: a run shorter than asked must not look finished
