@@ -8,6 +8,7 @@ data's input shape and output count it rebuilds the module exactly, so a saved s
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,11 +108,68 @@ FROZEN = ("onnx", "sklearn")
 """Every architecture a recipe's `kind` may name."""
 
 
+MAX_PARAMETERS = 2**31
+"""The most parameters a built-in family may have (8 GiB of float32): a bigger spec is a typo,
+refused before any memory is allocated."""
+BUILT_IN = ("mlp", "cnn", "resnet", "multiexit", "multitask")
+"""Families built here from plain numbers: sized on the meta device before the real build."""
+MAX_INPUT_VALUES = 2**28
+MAX_OUTPUTS = 1 << 20
+
+
+def check_shapes(input_shape: Any, num_outputs: Any, where: str = "model") -> None:
+    """One line unless `input_shape` is a short list of positive ints of bounded size and
+    `num_outputs` a positive int."""
+    if (
+        not isinstance(input_shape, list | tuple)
+        or not 1 <= len(input_shape) <= 8
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in input_shape)
+        or math.prod(input_shape) > MAX_INPUT_VALUES
+    ):
+        raise StillroomError(
+            f"{where}: input_shape must be 1 to 8 positive sizes with at most {MAX_INPUT_VALUES:,} "
+            f"values per sample, got {str(input_shape)[:80]}"
+        )
+    if not (isinstance(num_outputs, int) and not isinstance(num_outputs, bool)) or not (
+        1 <= num_outputs <= MAX_OUTPUTS
+    ):
+        raise StillroomError(
+            f"{where}: num_outputs must be a whole number from 1 to {MAX_OUTPUTS:,}, got "
+            f"{str(num_outputs)[:80]!r}"
+        )
+
+
 def build_model(spec: dict[str, Any], input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
-    """Build the architecture `spec["kind"]` for inputs of `input_shape` and `num_outputs` outputs."""
+    """Build the architecture `spec["kind"]` for inputs of `input_shape` and `num_outputs` outputs.
+
+    A built-in family is first built on the meta device (no memory): a spec that does not fit
+    the data (a cnn on flat features), or that would not fit in memory, fails in one line."""
+    if not isinstance(spec, dict):
+        raise StillroomError(f"a model spec is a mapping with a kind, got {type(spec).__name__}")
     kind = spec.get("kind")
-    if kind not in MODELS:
-        raise StillroomError(f"unknown model kind {kind!r}; available: {', '.join(MODELS)}")
+    if not isinstance(kind, str) or kind not in MODELS:
+        raise StillroomError(
+            f"unknown model kind {str(kind)[:80]!r}; available: {', '.join(MODELS)}"
+        )
+    if kind in BUILT_IN:
+        with torch.device("meta"):
+            try:
+                sized = MODELS[kind](spec, tuple(input_shape), num_outputs)
+            except StillroomError:
+                raise
+            except (ValueError, TypeError, KeyError, RuntimeError) as err:
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                raise StillroomError(
+                    f"model kind {kind} cannot be built for input shape {tuple(input_shape)} "
+                    f"with {num_outputs} outputs: {first}"
+                ) from None
+        parameters = sum(p.numel() for p in sized.parameters())
+        if parameters > MAX_PARAMETERS:
+            raise StillroomError(
+                f"model kind {kind} with this spec has {parameters:,} parameters (more than "
+                f"{MAX_PARAMETERS:,}, {MAX_PARAMETERS * 4 // 2**30} GiB as float32); use "
+                "narrower layers"
+            )
     return MODELS[kind](spec, tuple(input_shape), num_outputs)
 
 
@@ -184,16 +242,52 @@ def in_user_units(model: nn.Module, meta: dict[str, Any]) -> tuple[nn.Module, di
     return Preprocessed(model, preprocess), {**meta, "spec": spec, "preprocess": None}
 
 
-def load_model(directory: Path, user_units: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model saved by `save_model`; returns (module, metadata). The module works in
-    the standardised units it was trained in, or (user_units) in the units of the user's data."""
+MAX_MODEL_JSON = 16 * 2**20
+
+
+def read_model_json(directory: Path) -> dict[str, Any]:
+    """A model folder's model.json, checked for the shape `load_model` needs (a mapping with a
+    spec of a known kind, input_shape, num_outputs) before anything is built from it."""
     directory = Path(directory)
     meta_path = directory / "model.json"
+    if not directory.exists():
+        raise StillroomError(f"model folder {directory} does not exist; check the path")
+    if not directory.is_dir():
+        raise StillroomError(f"{directory} is a file, not a model folder (model.json + weights)")
     if not meta_path.is_file():
         raise StillroomError(
             f"{directory} holds no model.json; point at a folder written by stillroom"
         )
-    meta = json.loads(meta_path.read_text())
+    if meta_path.stat().st_size > MAX_MODEL_JSON:
+        raise StillroomError(f"{meta_path} is {meta_path.stat().st_size:,} bytes: not a model.json")
+    try:
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise StillroomError(
+            f"{meta_path} is not valid JSON ({str(err)[:120]}); the model folder is damaged"
+        ) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("spec"), dict):
+        raise StillroomError(
+            f"{meta_path} must be a mapping with a 'spec' mapping (written by stillroom's "
+            "save_model); the model folder is damaged"
+        )
+    kind = meta["spec"].get("kind")
+    if not isinstance(kind, str) or kind not in MODELS:
+        raise StillroomError(
+            f"{meta_path}: spec.kind {str(kind)[:80]!r} is not a model kind; available: "
+            f"{', '.join(MODELS)}"
+        )
+    check_shapes(meta.get("input_shape"), meta.get("num_outputs"), str(meta_path))
+    if meta.get("preprocess") is not None and not isinstance(meta["preprocess"], dict):
+        raise StillroomError(f"{meta_path}: preprocess must be a mapping or null")
+    return meta
+
+
+def load_model(directory: Path, user_units: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model saved by `save_model`; returns (module, metadata). The module works in
+    the standardised units it was trained in, or (user_units) in the units of the user's data."""
+    directory = Path(directory)
+    meta = read_model_json(directory)
     model = build_model(meta["spec"], tuple(meta["input_shape"]), meta["num_outputs"])
     load_weights(model, directory / "model.safetensors")
     if meta["spec"]["kind"] in FROZEN:  # another framework's model works in the user's units
