@@ -165,7 +165,7 @@ def test_existing_store_needs_force(monkeypatch, capsys, tmp_path: Path, teacher
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
-        (["teacher.checkpoint=no/such/teacher"], "no/such/teacher holds no model.json"),
+        (["teacher.checkpoint=no/such/teacher"], "model folder no/such/teacher does not exist"),
         (["teacher.checkpoint={teacher}", "data.source=diabetes"], "but the data has (10,) and 1"),
     ],
 )

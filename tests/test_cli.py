@@ -218,7 +218,7 @@ def test_regression_recipe_runs(tmp_path: Path) -> None:
         ),
         (
             ["distill", FEW_LABELS, "teacher.checkpoint=no/such/teacher"],
-            "no/such/teacher holds no model.json",
+            "model folder no/such/teacher does not exist",
         ),
         (["distill", FEW_LABELS, "data.source=npz"], "data.source 'npz' needs data.path"),
         (

@@ -98,9 +98,15 @@ def read_summary(run_dir: Path) -> Summary:
             f"older than the result contract); rerun it with `stillroom distill ... --out {run_dir} "
             "--resume`"
         )
-    payload = json.loads(path.read_text())
-    models = [ModelResult(**row) for row in payload.pop("models")]
-    return Summary(**payload, models=models)
+    try:  # a received or edited folder: any damage is one line naming the file
+        payload = json.loads(path.read_bytes().decode("utf-8"))
+        models = [ModelResult(**row) for row in payload.pop("models")]
+        return Summary(**payload, models=models)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as err:
+        raise StillroomError(
+            f"{path} is damaged ({type(err).__name__}: {str(err)[:120]}); rerun the run with "
+            f"`stillroom distill ... --out {run_dir} --resume`, or start it again"
+        ) from None
 
 
 def describe(spec: dict[str, Any]) -> str:

@@ -6,15 +6,17 @@ from either command. Nothing here imports onnx or onnxruntime: the report works 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 from torch import nn
 
-from stillroom.config import Recipe, load_recipe
+from stillroom.config import Recipe, safe_yaml, validate_recipe
 from stillroom.data import ArrayData
 from stillroom.errors import StillroomError
 from stillroom.losses import IGNORE_INDEX
@@ -47,6 +49,52 @@ class RunFolder:
         return model.eval(), meta
 
 
+MAX_RUN_FILE = 64 * 2**20
+"""The largest config.yaml / JSON file of a run folder read: any bigger is not stillroom's."""
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of a run-folder file, one line when it is not one (too big, binary)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        raise StillroomError(f"{path} is not a plain file; the {what} is damaged")
+    if path.stat().st_size > MAX_RUN_FILE:
+        raise StillroomError(f"{path} is {path.stat().st_size:,} bytes; the {what} is damaged")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise StillroomError(f"{path} is not UTF-8 text; the {what} is damaged") from None
+
+
+def read_json_file(path: Path, what: str = "run folder") -> Any:
+    """A run folder's JSON file, one line naming it when it does not parse."""
+    try:
+        return json.loads(read_text_file(path, what))
+    except (ValueError, RecursionError) as err:
+        raise StillroomError(
+            f"{path} is not valid JSON ({str(err)[:120]}); the {what} is damaged"
+        ) from None
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """RUN_DIR/config.yaml as a mapping (bounded YAML: see stillroom.config.safe_yaml), one line
+    when it is not one."""
+    path = Path(run_dir) / "config.yaml"
+    try:
+        tree = safe_yaml(read_text_file(path, "run folder"), str(path))
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or "cannot be parsed"
+        raise StillroomError(
+            f"{path}: invalid YAML ({problem}); the run folder is damaged"
+        ) from None
+    if not isinstance(tree, dict):
+        raise StillroomError(
+            f"{path} must be a mapping of recipe sections, got {type(tree).__name__}; the run "
+            "folder is damaged"
+        )
+    return tree
+
+
 def open_run(run_dir: Path, required: tuple[str, ...] = ("student_kd",)) -> RunFolder:
     """Check that `run_dir` is a finished stillroom run holding the `required` models, and rebuild
     its test split from config.yaml (the split is a pure function of the recipe and its seed)."""
@@ -68,7 +116,7 @@ def open_run(run_dir: Path, required: tuple[str, ...] = ("student_kd",)) -> RunF
             f"{run_dir} is not a stillroom run folder: it holds no config.yaml; give the folder "
             "`stillroom distill` wrote (its --out)"
         )
-    method = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("method", "classic")
+    method = read_run_config(run_dir).get("method", "classic")
     if method != "classic":
         # a finished run of another method is read from its summary.json (export/run.py,
         # report/build.py); without one it has not finished
@@ -85,7 +133,8 @@ def open_run(run_dir: Path, required: tuple[str, ...] = ("student_kd",)) -> RunF
             f"{run_dir} holds no {wanted}: the run has not finished; rerun it with "
             f"`stillroom distill ... --out {run_dir} --resume`"
         )
-    recipe = load_recipe(run_dir / "config.yaml")
+    # the recipe validated, never resolved: a factory it names is not imported (see models)
+    recipe = validate_recipe(read_run_config(run_dir), str(run_dir / "config.yaml"), Recipe)
     splits, _ = prepare_data(recipe)
     return RunFolder(run_dir, recipe, splits.test, roles)
 

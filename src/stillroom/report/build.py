@@ -24,7 +24,7 @@ import torch
 
 from stillroom.errors import StillroomError
 from stillroom.export.formats import MANIFEST, ONNX, ONNX_INT8, WEIGHTS
-from stillroom.export.run_folder import RunFolder, open_run
+from stillroom.export.run_folder import RunFolder, open_run, read_json_file, read_text_file
 from stillroom.io import atomic_write_json, atomic_write_text
 from stillroom.models import count_parameters
 from stillroom.report.figures import write_figures
@@ -105,7 +105,7 @@ def _one_latency(run_dir: Path, summary: Summary, numbers: dict[str, Any], timin
     write_summary(replace(summary, notes=[*summary.notes, line]), run_dir)
     results = run_dir / "results.json"
     if results.is_file():  # every number of the run, the same latency included
-        payload = json.loads(results.read_text())
+        payload = read_json_file(results)
         for row in summary.models:
             if row.name in payload.get("models", {}):
                 payload["models"][row.name]["latency_ms"] = row.latency_ms
@@ -185,7 +185,12 @@ def measure_exports(
     folder = run.path / "export"
     if not (folder / MANIFEST).is_file():
         return {}, f"no export in {folder}: run `stillroom export {run.path} --int8` to add one"
-    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest = read_json_file(folder / MANIFEST, "export")
+    if not _export_manifest_fits(manifest):
+        return (
+            {},
+            f"the export manifest {folder / MANIFEST} is damaged; rerun `stillroom export --force`",
+        )
     source = manifest.get("source", {})
     student = run.path / source.get("role", "student_kd") / WEIGHTS
     exported = manifest["files"].get(WEIGHTS, {}).get("sha256")
@@ -220,6 +225,25 @@ def measure_exports(
     return result, f"exports measured through onnxruntime from {folder}"
 
 
+def _export_manifest_fits(manifest: Any) -> bool:
+    """The keys measure_exports reads, of the types it reads them as; the source role one of the
+    run's own model folders (a crafted `../..` would hash a file outside the run)."""
+    from stillroom.pipeline import ROLES
+
+    try:
+        source = manifest.get("source", {})
+        role = source.get("role", "student_kd")
+        return (
+            role in ROLES
+            and isinstance(manifest["files"], dict)
+            and isinstance(manifest["files"].get(WEIGHTS, {}), dict)
+            and all(isinstance(spec["name"], str) for spec in manifest["inputs"])
+            and isinstance(manifest["model"]["parameters"], int)
+        )
+    except (AttributeError, KeyError, TypeError):
+        return False
+
+
 def read_curves(run_dir: Path, roles: tuple[str, ...]) -> dict[str, dict[str, list]]:
     """{role: {"epoch": [...], "train/...": [...], "val/...": [...]}} from each role's
     metrics.jsonl; every train/* and val/* key present is kept, so loss terms added later appear
@@ -230,7 +254,14 @@ def read_curves(run_dir: Path, roles: tuple[str, ...]) -> dict[str, dict[str, li
         path = Path(run_dir) / role / "metrics.jsonl"
         if not path.is_file():
             continue
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in read_text_file(path, "run folder").splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except ValueError:
+                record = None  # a line cut by a crash (or edited): the curves skip it
+            if isinstance(record, dict):
+                records.append(record)
         if not records:
             continue
         keys = sorted({k for r in records for k in r if k.startswith(("train/", "val/"))})

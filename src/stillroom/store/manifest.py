@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import numpy as np
 
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_write, atomic_write_json
-from stillroom.store.codec import TopKCodec
+from stillroom.store.codec import INDEX_ENCODINGS, VALUE_ENCODINGS, TopKCodec
 
 FORMAT = "stillroom-store"
 VERSION = 1
@@ -120,9 +121,107 @@ class Manifest:
                 f"version {VERSION}: recreate the store with `stillroom cache`"
             )
         try:
-            return cls(**data)
+            manifest = cls(**data)
         except TypeError as err:
             raise StillroomError(f"{path} is missing or has unknown keys ({err})") from None
+        problem = manifest.problem()
+        if problem is not None:
+            raise StillroomError(
+                f"{path}: {problem[:300]}; the store is damaged or was edited: recreate it with "
+                "`stillroom cache` (or `stillroom cache ... --resume` for damaged shards)"
+            )
+        return manifest
+
+    def problem(self) -> str | None:
+        """What makes this manifest unreadable (a wrong type, a shard file named outside the
+        store's shards/ folder), or None. Checked on load, before any shard is opened."""
+        if self.kind not in ("dense", "topk"):
+            return f"kind must be dense or topk, got {self.kind!r}"
+        if not _whole(self.num_samples, 0, 2**40):
+            return f"num_samples must be a whole number >= 0, got {self.num_samples!r}"
+        if not _whole(self.shard_size, 1, 2**40):
+            return f"shard_size must be a whole number >= 1, got {self.shard_size!r}"
+        if not _sizes(self.output_shape, 1) or not 1 <= len(self.output_shape) <= 8:
+            return f"output_shape must be a list of positive sizes, got {self.output_shape!r}"
+        if not _whole(self.class_dim, 1, len(self.output_shape)):
+            return f"class_dim must be 1 to {len(self.output_shape)}, got {self.class_dim!r}"
+        if self.kind == "topk":
+            if not _whole(self.top_k, 1, self.output_shape[self.class_dim - 1]):
+                return f"a topk store needs top_k from 1 to the classes, got {self.top_k!r}"
+            if self.precision not in VALUE_ENCODINGS or self.index_encoding not in INDEX_ENCODINGS:
+                return (
+                    f"a topk store needs precision in {VALUE_ENCODINGS} and index_encoding in "
+                    f"{INDEX_ENCODINGS}, got {self.precision!r}, {self.index_encoding!r}"
+                )
+        elif self.top_k is not None or self.index_encoding is not None:
+            return "a dense store has no top_k or index_encoding"
+        elif self.precision not in ("fp16", "fp32"):
+            return f"a dense store's precision must be fp16 or fp32, got {self.precision!r}"
+        if not isinstance(self.features, list) or not all(
+            isinstance(f, str) for f in self.features
+        ):
+            return "features must be a list of layer names"
+        if not isinstance(self.fields, dict) or not self.fields:
+            return "fields must map each stored field to its dtype and shape"
+        for name, spec in self.fields.items():
+            if not isinstance(spec, dict) or not _sizes(spec.get("shape"), 0):
+                return f"field {name!r} needs a shape (a list of sizes)"
+            try:
+                dtype = np.dtype(spec.get("dtype"))
+            except (TypeError, ValueError):
+                return f"field {name!r} has dtype {str(spec.get('dtype'))[:40]!r}, not a dtype"
+            if dtype.hasobject or dtype.kind not in "biuf":
+                return f"field {name!r} has dtype {dtype}, not a numeric dtype"
+        if not isinstance(self.teacher, dict) or not isinstance(self.teacher.get("sha256"), str):
+            return "teacher must record the teacher's weights sha256"
+        if not isinstance(self.dataset, dict) or not _sizes(self.dataset.get("input_shape"), 0):
+            return "dataset must record the input_shape"
+        if not isinstance(self.complete, bool) or not isinstance(self.shards, list):
+            return "complete must be true or false, shards a list"
+        if self.complete and len(self.shards) != self.num_shards:
+            return f"a complete store lists {self.num_shards} shards, this one {len(self.shards)}"
+        for index, shard in enumerate(self.shards):
+            problem = shard_problem(shard, index, self)
+            if problem is not None:
+                return problem
+        return None
+
+
+def _whole(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _sizes(value: Any, low: int) -> bool:
+    return isinstance(value, list) and all(_whole(v, low, 2**40) for v in value)
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def shard_problem(shard: Any, index: int, manifest: Manifest) -> str | None:
+    """What is wrong with shard `index`'s entry (in the manifest, or its shards/NNNNN.json
+    record), or None. Its files must be exactly the names stillroom gives them: a crafted name
+    (a path, `..`) would read a file outside the store."""
+    if not isinstance(shard, dict):
+        return f"shard {index} is not a mapping"
+    start, end = manifest.shard_range(index)
+    if (
+        shard.get("index") != index
+        or shard.get("start") != start
+        or shard.get("count") != (end - start)
+    ):
+        return f"shard {index} does not cover samples {start}..{end} (index, start, count)"
+    files = shard.get("files")
+    if not isinstance(files, dict) or set(files) != set(manifest.fields):
+        return f"shard {index} must list a file for each field ({', '.join(manifest.fields)})"
+    for name, entry in files.items():
+        if not isinstance(entry, dict) or entry.get("file") != shard_file(index, name):
+            return f"shard {index}'s {name} file must be named {shard_file(index, name)}"
+        if not _whole(entry.get("bytes"), 0, 2**50) or not (
+            isinstance(entry.get("sha256"), str) and _SHA256.fullmatch(entry["sha256"])
+        ):
+            return f"shard {index}'s {name} file needs its bytes and sha256"
+    return None
 
 
 def shard_file(index: int, name: str) -> str:
@@ -172,6 +271,8 @@ def file_sha256(path: Path) -> str:
 
 def check_file(path: Path, record: dict[str, Any], hash_it: bool) -> str | None:
     """None if `path` matches its record, else what is wrong with it (missing/truncated/corrupted)."""
+    if path.is_symlink():  # a link could point anywhere on the machine
+        return "is a symbolic link (a store holds plain files)"
     if not path.is_file():
         return "is missing"
     size = path.stat().st_size

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -111,7 +113,9 @@ class SoftTargetStore:
         store = cls(path, manifest, max_resident_bytes)
         for shard in manifest.shards:
             for entry in shard["files"].values():
-                store._check(shard["index"], entry, hash_it=verify)
+                store._check(shard["index"], entry, hash_it=False)
+        if verify:
+            store.verify()
         return store
 
     def __len__(self) -> int:
@@ -121,11 +125,24 @@ class SoftTargetStore:
     def kind(self) -> str:
         return self.manifest.kind
 
-    def verify(self) -> None:
-        """Hash every shard file against the manifest; raises naming the first bad one."""
-        for shard in self.manifest.shards:
-            for entry in shard["files"].values():
-                self._check(shard["index"], entry, hash_it=True)
+    def verify(self, progress: bool | None = None) -> None:
+        """Hash every shard file against the manifest; raises naming the first bad one (and the
+        command that recomputes it). progress: a bar on stderr (None: for stores over 1 GiB)."""
+        entries = [(s["index"], e) for s in self.manifest.shards for e in s["files"].values()]
+        total = sum(entry["bytes"] for _, entry in entries)
+        show = total > 2**30 if progress is None else progress
+        with Progress(
+            TextColumn("verifying store"),
+            BarColumn(),
+            DownloadColumn(),
+            console=Console(stderr=True),
+            disable=not show,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("verify", total=total)
+            for index, entry in entries:
+                self._check(index, entry, hash_it=True)
+                bar.update(task, advance=entry["bytes"])
 
     def _check(self, index: int, entry: dict[str, Any], hash_it: bool) -> None:
         path = self.path / SHARDS / entry["file"]

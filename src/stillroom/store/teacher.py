@@ -33,7 +33,13 @@ class StoreTeacher:
         teacher: nn.Module | None = None,
         data: torch.Tensor | ArrayData | Dataset | None = None,
     ) -> None:
-        self.store = store if isinstance(store, SoftTargetStore) else SoftTargetStore.open(store)
+        # every shard hashed now, before the first phase that reads it: a damaged byte is named
+        # (with the command that repairs it) before any student trains, not after one has
+        self.store = (
+            store
+            if isinstance(store, SoftTargetStore)
+            else SoftTargetStore.open(store, verify=True)
+        )
         self.store.check(teacher=teacher, data=data)
 
     def to(self, device: torch.device | str) -> StoreTeacher:

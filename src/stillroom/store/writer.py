@@ -57,6 +57,7 @@ from stillroom.store.manifest import (
     read_record,
     record_file,
     shard_file,
+    shard_problem,
     write_array,
 )
 
@@ -150,7 +151,7 @@ def cache_teacher(
             for index in range(manifest.num_shards):
                 start, stop = manifest.shard_range(index)
                 record = read_record(out, index) if previous is not None else None
-                if record is not None and _shard_intact(out, record):
+                if record is not None and _shard_intact(out, record, index, manifest):
                     records[index] = record
                     bar.update(task, advance=stop - start, status=f"shard {index} kept")
                     continue
@@ -353,7 +354,10 @@ def _check_resumable(out: Path, previous: Manifest, current: Manifest) -> None:
         )
 
 
-def _shard_intact(out: Path, record: dict[str, Any]) -> bool:
+def _shard_intact(out: Path, record: Any, index: int, manifest: Manifest) -> bool:
+    # a record naming other files (edited, or crafted to point outside the store) is redone
+    if shard_problem(record, index, manifest) is not None:
+        return False
     return all(
         check_file(out / SHARDS / entry["file"], entry, hash_it=True) is None
         for entry in record["files"].values()
