@@ -101,14 +101,17 @@ def generate_soft_targets(teacher: nn.Module, loader: DataLoader) -> CachedTeach
     """Run the frozen teacher once over an unshuffled `(inputs, targets, index)` loader."""
     frozen = FrozenTeacher(teacher)
     device = device_of(teacher)
-    chunks: dict[int, torch.Tensor] = {}
+    n = len(loader.dataset)
+    outputs: torch.Tensor | None = None
+    seen = torch.zeros(n, dtype=torch.bool)
     for inputs, _, index in loader:
         out = frozen(inputs.to(device)).float().cpu()
-        for i, row in zip(index.tolist(), out, strict=True):
-            chunks[i] = row
-    n = len(loader.dataset)
-    assert sorted(chunks) == list(range(n)), "loader must visit every sample exactly once"
-    return CachedTeacher(torch.stack([chunks[i] for i in range(n)]))
+        if outputs is None:  # one (N, ...) tensor filled by index: no object per sample
+            outputs = torch.empty((n, *out.shape[1:]), dtype=out.dtype)
+        outputs[index] = out
+        seen[index] = True
+    assert outputs is not None and bool(seen.all()), "loader must visit every sample"
+    return CachedTeacher(outputs)
 
 
 # --- ensembles: several teachers merged into one soft label -------------------------------------
