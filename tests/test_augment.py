@@ -1,0 +1,50 @@
+"""Training-time augmentation (stillroom.data.augment): shifts move pixels as stated, each batch's
+draw is seeded by (seed, batch) so runs and resumes replay, and bad settings are one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stillroom.data.augment import Augment, AugmentSection, shift
+from stillroom.errors import StillroomError
+
+
+def test_a_shift_moves_each_image_within_the_bound_and_fills_zeros() -> None:
+    images = torch.zeros(64, 1, 8, 8)
+    images[:, 0, 3, 4] = 1.0  # one lit pixel per image
+    moved = shift(images, 2, torch.Generator().manual_seed(0))
+    assert moved.shape == images.shape and torch.all(moved.sum((1, 2, 3)) == 1)
+    where = moved[:, 0].flatten(1).argmax(1)
+    rows, cols = where // 8, where % 8
+    assert rows.sub(3).abs().max() <= 2 and cols.sub(4).abs().max() <= 2
+    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) > 10  # per-sample offsets
+    # a shift of 0 pixels is the identity
+    assert torch.equal(shift(images, 0, torch.Generator()), images)
+
+
+def test_each_batch_replays_from_seed_and_batch_count() -> None:
+    section = AugmentSection(shift=1, flip=True, noise=0.1, input_dropout=0.2)
+    augment = Augment(section, (1, 8, 8), seed=3)
+    x = torch.rand(16, 1, 8, 8)
+    first = augment(x, None, None, None, 7)[0]
+    assert torch.equal(first, augment(x, None, None, None, 7)[0])  # a resumed run: the same view
+    assert not torch.equal(first, augment(x, None, None, None, 8)[0])
+    assert not torch.equal(first, Augment(section, (1, 8, 8), seed=4)(x, None, None, None, 7)[0])
+    assert torch.equal(x, x.clone())  # the caller's batch is not modified
+
+
+def test_input_dropout_keeps_the_expected_value() -> None:
+    augment = Augment(AugmentSection(input_dropout=0.5), (100,), seed=0)
+    x = torch.ones(200, 100)
+    out = augment(x, None, None, None, 0)[0]
+    assert set(out.unique().tolist()) == {0.0, 2.0}
+    assert abs(out.mean().item() - 1.0) < 0.02
+
+
+def test_bad_settings_are_one_line() -> None:
+    with pytest.raises(StillroomError, match="move pixels of images"):
+        Augment(AugmentSection(shift=2), (64,), seed=0)
+    with pytest.raises(StillroomError, match="entirely out of view"):
+        Augment(AugmentSection(shift=8), (1, 8, 8), seed=0)
+    assert not AugmentSection().active and AugmentSection(noise=0.1).active
