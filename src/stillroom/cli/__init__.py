@@ -13,11 +13,15 @@ from typing import NoReturn
 
 import typer
 from typer import rich_utils
-from typer._click.exceptions import ClickException  # the click Typer vendors
 
-from stillroom.cli import cache, export_cmd, report_cmd, run
+from stillroom.cli import cache, export_cmd, report_cmd, run, tune_cmd
 from stillroom.cli.common import err_console
 from stillroom.errors import StillroomError
+
+try:  # Typer >= 0.22 vendors its own click; earlier ones use click itself
+    from typer._click.exceptions import ClickException
+except ImportError:
+    from click.exceptions import ClickException
 
 COMMANDS: dict[str, Callable[..., None]] = {
     "demo": run.demo,
@@ -27,6 +31,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "export": export_cmd.export_command,
     "report": report_cmd.report_command,
     "cache": cache.cache_command,
+    "tune": tune_cmd.tune_command,
 }
 
 app = typer.Typer(
