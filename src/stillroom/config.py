@@ -195,6 +195,8 @@ class TrainSection(_Section):
     lr: float = Field(3e-3, gt=0, le=1e6, allow_inf_nan=False)
     weight_decay: float = Field(1e-4, ge=0, le=1e6, allow_inf_nan=False)
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1, description="optimizer sgd: momentum")
+    nesterov: bool = Field(True, description="optimizer sgd: Nesterov momentum")
     scheduler: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0, le=10**9)
     patience: int | None = Field(
@@ -203,9 +205,30 @@ class TrainSection(_Section):
         le=1_000_000,
         description="stop after this many epochs without a better val metric",
     )
+    keep: Literal["best", "last"] = Field(
+        "best", description="the weights a phase returns: its best validation epoch, or its last"
+    )
+    max_norm: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="after each step, scale every unit's incoming weights (rows of each linear "
+        "layer) back to this L2 norm when larger (Hinton et al. 2012's max-norm constraint)",
+    )
     grad_accum_steps: int = Field(1, ge=1, le=1_000_000)
     max_grad_norm: float | None = Field(None, gt=0, allow_inf_nan=False)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+
+    @model_validator(mode="after")
+    def _settings_fit_together(self) -> TrainSection:
+        if self.keep == "last" and self.patience is not None:
+            raise ValueError(
+                "keep: last returns the final epoch, patience would stop before it at a worse "
+                "one; drop one of them"
+            )
+        if self.nesterov and self.momentum == 0 and self.optimizer == "sgd":
+            raise ValueError("nesterov needs momentum > 0; set nesterov: false or a momentum")
+        return self
 
 
 class TeacherSection(ModelSection):

@@ -18,6 +18,7 @@ from stillroom.objective import (
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
+KEEPS = ("best", "last")
 
 
 @dataclass
@@ -34,6 +35,9 @@ class TrainArgs:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
+    # SGD only: heavy-ball momentum, Nesterov's variant of it
+    momentum: float = 0.9
+    nesterov: bool = True
     scheduler: str = "cosine"
     warmup_steps: int = 0
     alpha: float | None = 0.9
@@ -48,6 +52,11 @@ class TrainArgs:
     outputs: dict[str, str] | None = None
     select: str | None = None
     patience: int | None = None
+    # which epoch's weights a run returns: the best on validation, or simply the last
+    keep: str = "best"
+    # Hinton et al. 2012's constraint: each unit's incoming weight vector (a row of every
+    # nn.Linear weight) is scaled back to this L2 norm after each step when it grows past it
+    max_norm: float | None = None
     grad_accum_steps: int = 1
     max_grad_norm: float | None = None
     mixed_precision: str = "no"
@@ -76,6 +85,21 @@ class TrainArgs:
             (
                 self.optimizer in OPTIMIZERS,
                 f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}",
+            ),
+            (0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}"),
+            (
+                not (self.optimizer == "sgd" and self.nesterov and self.momentum == 0),
+                "nesterov needs momentum > 0; set nesterov false or give a momentum",
+            ),
+            (self.keep in KEEPS, f"keep must be one of {KEEPS}, got {self.keep!r}"),
+            (
+                not (self.keep == "last" and self.patience is not None),
+                "keep: last returns the final epoch, patience would stop before it at a worse "
+                "one; drop one of them",
+            ),
+            (
+                self.max_norm is None or self.max_norm > 0,
+                f"max_norm must be > 0, got {self.max_norm}",
             ),
             (
                 self.scheduler in SCHEDULERS,

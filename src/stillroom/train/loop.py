@@ -233,6 +233,8 @@ def distill(
                     if accelerator.sync_gradients and args.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                     optimizer.step()
+                    if args.max_norm is not None and accelerator.sync_gradients:
+                        _constrain_rows(inner.student, args.max_norm)
                     if accelerator.sync_gradients:
                         scheduler.step()
                         run.step += 1
@@ -260,7 +262,12 @@ def distill(
                 scores = evaluate(inner.student, val_loader, args.outputs or args.task, accelerator)
                 record.update({f"val/{k}": v for k, v in scores.items()})
             value = record.get(f"val/{metric}")
-            improved = val_loader is None or is_better(select_task, value, run.best_value)
+            # keep: last makes every epoch the one to return (patience is refused beside it)
+            improved = (
+                val_loader is None
+                or args.keep == "last"
+                or is_better(select_task, value, run.best_value)
+            )
             run.finish_epoch(epoch, value, improved, args.patience)
             if improved and run_dir and accelerator.is_main_process:
                 atomic_save_tensors(inner.student.state_dict(), run_dir / BEST)
@@ -431,11 +438,23 @@ def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@torch.no_grad()
+def _constrain_rows(model: nn.Module, max_norm: float) -> None:
+    """Every nn.Linear's rows (a unit's incoming weights) scaled back to L2 norm <= max_norm."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.weight.copy_(torch.renorm(module.weight, 2, 0, max_norm))
+
+
 def _build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "sgd":
         return torch.optim.SGD(
-            params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay, nesterov=True
+            params,
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            nesterov=args.nesterov,
         )
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
