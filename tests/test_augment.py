@@ -48,3 +48,36 @@ def test_bad_settings_are_one_line() -> None:
     with pytest.raises(StillroomError, match="entirely out of view"):
         Augment(AugmentSection(shift=8), (1, 8, 8), seed=0)
     assert not AugmentSection().active and AugmentSection(noise=0.1).active
+
+
+def test_an_augmented_run_through_the_cli_with_an_equal_steps_baseline(tmp_path) -> None:
+    import json
+
+    from helpers import ROOT, assert_user_error, stillroom_in_process
+
+    small = [
+        "teacher.kind=mlp", "teacher.hidden=[16]", "teacher.train.epochs=1", "student.hidden=[8]",
+        "distill.epochs=2", "data.batch_size=128", "data.label_fraction=0.25",
+        "data.augment.shift=1", "data.augment.noise=0.05", "baseline_equal_steps=true",
+    ]  # fmt: skip
+    out = tmp_path / "run"
+    result = stillroom_in_process(
+        "distill", ROOT / "recipes" / "digits.yaml", *small, "--out", out, "--no-progress",
+        "--no-report",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    epochs = {
+        role: len((out / role / "metrics.jsonl").read_text().splitlines())
+        for role in ("student_scratch", "student_kd")
+    }
+    # a quarter of the labels: the scratch student gets 4x the epochs (the same steps)
+    assert epochs == {"student_scratch": 8, "student_kd": 2}
+    assert json.loads((out / "summary.json").read_text())["models"]
+    store = tmp_path / "store"
+    store.mkdir()
+    refused = stillroom_in_process(
+        "distill", ROOT / "recipes" / "digits.yaml", *small, f"teacher.store={store}",
+        "--out", tmp_path / "other",
+    )  # fmt: skip
+    assert_user_error(refused, "drop teacher.store")
+    assert not (tmp_path / "other").exists()

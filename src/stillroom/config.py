@@ -335,6 +335,11 @@ class Recipe(RecipeBase):
     baseline: bool = Field(
         True, description="also train the student on labels alone, for comparison"
     )
+    baseline_equal_steps: bool = Field(
+        False,
+        description="with few labels, train the scratch student (labelled samples only) for as "
+        "many optimizer steps as the distilled one (its epochs scaled by all / labelled samples)",
+    )
     tune: dict[str, Any] | None = Field(
         None,
         description="what `stillroom tune` searches (validated there: stillroom.tune.TuneSection);"

@@ -7,6 +7,7 @@ ensembles and multi-task runs call the same functions.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from stillroom.data import (
     make_loader,
     prepare_splits,
 )
+from stillroom.data.augment import Augment
 from stillroom.errors import StillroomError
 from stillroom.models import FROZEN, build_model, load_model, save_model
 from stillroom.objective import build_objective, check_layer_names, tapped_layers
@@ -175,6 +177,7 @@ def train_phase(
     args: TrainArgs,
     batch_size: int,
     resume: bool,
+    augment: Augment | None = None,
 ) -> torch.nn.Module:
     if len(train) == 0:
         raise StillroomError(f"{name}: no labelled training samples; raise data.label_fraction")
@@ -186,6 +189,7 @@ def train_phase(
         run_dir=run_dir / name,
         resume=resume,
         args=args,
+        batch_transform=augment,  # training batches only: validation sees the data as it is
     )
     save_model(
         result.student,
@@ -197,6 +201,12 @@ def train_phase(
     )
     mark_complete(run_dir / name)
     return result.student
+
+
+def augment_of(recipe: Recipe, input_shape: tuple[int, ...]) -> Augment | None:
+    """The recipe's training-time augmentation (None when it asks for none)."""
+    section = recipe.data.augment
+    return Augment(section, input_shape, recipe.seed) if section.active else None
 
 
 def train_teacher(
@@ -226,6 +236,7 @@ def train_teacher(
         args,
         recipe.data.batch_size,
         resume,
+        augment_of(recipe, splits.train.input_shape),
     )
 
 
@@ -244,9 +255,21 @@ def train_students(
     task, spec = splits.train.task, recipe.student.spec()
     input_shape, num_outputs = splits.train.input_shape, splits.train.num_outputs
     students: dict[str, torch.nn.Module] = {}
+    augment = augment_of(recipe, input_shape)
     if recipe.baseline:
+        labelled = labelled_only(student_train)
+        epochs = recipe.distill.epochs
+        if recipe.baseline_equal_steps and len(labelled):
+            # as many optimizer steps as the distilled student, which sees every sample
+            epochs = math.ceil(epochs * len(student_train) / len(labelled))
         scratch_args = recipe.train_args(
-            recipe.distill, task, alpha=0.0, terms=(), progress=progress, description="scratch"
+            recipe.distill,
+            task,
+            alpha=0.0,
+            terms=(),
+            epochs=epochs,
+            progress=progress,
+            description="scratch",
         )
         # without a teacher only the labelled samples carry any signal
         students["student_scratch"] = train_phase(
@@ -255,11 +278,12 @@ def train_students(
             None,
             build_seeded(spec, input_shape, num_outputs, recipe.seed),
             spec,
-            labelled_only(student_train),
+            labelled,
             splits.val,
             scratch_args,
             recipe.data.batch_size,
             resume,
+            augment,
         )
     kd_args = recipe.train_args(recipe.distill, task, progress=progress, description="distill")
     students["student_kd"] = train_phase(
@@ -273,5 +297,6 @@ def train_students(
         kd_args,
         recipe.data.batch_size,
         resume,
+        augment,
     )
     return students

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from stillroom.data.augment import AugmentSection
 from stillroom.data.sources import DATASETS, FILE_SOURCES
 
 SourceName = Literal[tuple(DATASETS)]  # type: ignore[valid-type]  # the table is the one list
@@ -68,6 +69,11 @@ class DataSection(BaseModel):
         "targets for all of them (the few-labels + unlabeled transfer set setting)",
     )
     batch_size: int = Field(64, ge=1)
+    augment: AugmentSection = Field(
+        AugmentSection(),
+        description="training-time augmentation of every training batch (shifts, flips, noise, "
+        "input dropout), seeded per batch; the teacher then runs live on the augmented inputs",
+    )
     memory_limit_mb: float = Field(
         2048,
         ge=0,

@@ -34,6 +34,7 @@ from stillroom.objective import tapped_layers
 from stillroom.pipeline import (
     ROLES,
     _check_term_layers,
+    augment_of,
     check_models,
     check_task,
     given_teacher,
@@ -70,6 +71,13 @@ def run_recipe(
     check_task(recipe, task)
     input_shape, num_outputs = splits.train.input_shape, splits.train.num_outputs
     _check_term_layers(recipe, input_shape, num_outputs)
+    augment_of(recipe, input_shape)  # shift/flip need images: one line before anything is written
+    if recipe.data.augment.active and recipe.teacher.store is not None:
+        raise StillroomError(
+            "data.augment changes every training batch, but the store holds the teacher's "
+            "outputs on the inputs as they are; drop teacher.store (the teacher then runs live on "
+            "the augmented batches) or drop data.augment"
+        )
     data = recipe.data
     protected = (
         recipe.teacher.checkpoint,
@@ -93,7 +101,10 @@ def run_recipe(
     else:
         teacher = train_teacher(recipe, run_dir, splits, progress=progress, resume=resume)
     # feature terms read the teacher's intermediate layers at every step: they need it live
+    # augmented batches differ from the inputs soft targets were computed on: the teacher
+    # must see the same view as the student, so it runs live
     live = bool(tapped_layers(list(recipe.train_args(recipe.distill, task).terms))[1])
+    live = live or recipe.data.augment.active
     store = None
     if recipe.teacher.store is not None and not live:
         try:  # refuses a store made by another teacher or on other inputs, naming which differs
