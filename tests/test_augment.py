@@ -81,3 +81,12 @@ def test_an_augmented_run_through_the_cli_with_an_equal_steps_baseline(tmp_path)
     )  # fmt: skip
     assert_user_error(refused, "drop teacher.store")
     assert not (tmp_path / "other").exists()
+
+
+def test_augmenting_the_teacher_alone_keeps_the_students_batches_plain() -> None:
+    from stillroom.config import load_recipe
+    from stillroom.pipeline import augment_of
+
+    recipe = load_recipe(None, ["data.augment.shift=2", "data.augment.students=false"])
+    assert augment_of(recipe, (1, 8, 8), students=False) is not None
+    assert augment_of(recipe, (1, 8, 8)) is None

@@ -203,10 +203,14 @@ def train_phase(
     return result.student
 
 
-def augment_of(recipe: Recipe, input_shape: tuple[int, ...]) -> Augment | None:
-    """The recipe's training-time augmentation (None when it asks for none)."""
+def augment_of(
+    recipe: Recipe, input_shape: tuple[int, ...], students: bool = True
+) -> Augment | None:
+    """The recipe's training-time augmentation of the teacher's (students=False) or the
+    students' training batches; None when it asks for none there."""
     section = recipe.data.augment
-    return Augment(section, input_shape, recipe.seed) if section.active else None
+    wanted = section.active and (section.students or not students)
+    return Augment(section, input_shape, recipe.seed) if wanted else None
 
 
 def train_teacher(
@@ -236,7 +240,7 @@ def train_teacher(
         args,
         recipe.data.batch_size,
         resume,
-        augment_of(recipe, splits.train.input_shape),
+        augment_of(recipe, splits.train.input_shape, students=False),
     )
 
 

@@ -42,6 +42,10 @@ class AugmentSection(BaseModel):
         0.0, ge=0, lt=1, description="zero each input value with this probability (the rest "
         "scaled by 1 / (1 - p), as nn.Dropout)",
     )  # fmt: skip
+    students: bool = Field(
+        True, description="augment the students' batches too; false: the teacher's training "
+        "alone (Hinton et al. jittered the teacher; the distilled student saw plain digits)",
+    )  # fmt: skip
 
     @property
     def active(self) -> bool:

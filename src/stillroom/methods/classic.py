@@ -71,8 +71,9 @@ def run_recipe(
     check_task(recipe, task)
     input_shape, num_outputs = splits.train.input_shape, splits.train.num_outputs
     _check_term_layers(recipe, input_shape, num_outputs)
-    augment_of(recipe, input_shape)  # shift/flip need images: one line before anything is written
-    if recipe.data.augment.active and recipe.teacher.store is not None:
+    augment_of(recipe, input_shape, students=False)  # shift/flip need images: said before any file
+    students_augmented = augment_of(recipe, input_shape) is not None
+    if students_augmented and recipe.teacher.store is not None:
         raise StillroomError(
             "data.augment changes every training batch, but the store holds the teacher's "
             "outputs on the inputs as they are; drop teacher.store (the teacher then runs live on "
@@ -104,7 +105,7 @@ def run_recipe(
     # augmented batches differ from the inputs soft targets were computed on: the teacher
     # must see the same view as the student, so it runs live
     live = bool(tapped_layers(list(recipe.train_args(recipe.distill, task).terms))[1])
-    live = live or recipe.data.augment.active
+    live = live or students_augmented
     store = None
     if recipe.teacher.store is not None and not live:
         try:  # refuses a store made by another teacher or on other inputs, naming which differs
