@@ -42,6 +42,7 @@ from stillroom.data.interactions import (
     sample_negatives,
     seen_keys,
 )
+from stillroom.errors import StillroomError
 from stillroom.losses.ranking import (
     hard_label_ranking_loss,
     listwise_distillation_loss,
@@ -51,7 +52,7 @@ from stillroom.losses.ranking import (
 )
 from stillroom.methods import ranking_eval
 from stillroom.models import allow_factory, load_model, save_model
-from stillroom.models.recommenders import RANKERS, RankerEnsemble, ranker_spec
+from stillroom.models.recommenders import RANKERS, RankerEnsemble, combine_scores, ranker_spec
 from stillroom.results import write_summary
 from stillroom.runs import is_complete, mark_complete, prepare_run_dir
 
@@ -63,6 +64,11 @@ class _Section(BaseModel):
 class InteractionsSection(_Section):
     path: Path | None = Field(
         None, description="CSV / TSV / Parquet / JSON lines file, or a MovieLens .inter file"
+    )
+    package: str | None = Field(
+        None,
+        description="read `path` inside this installed package's folder, found without importing "
+        "it (e.g. recbole, which ships MovieLens-100K: pip install --no-deps recbole)",
     )
     user_column: str = "user"
     item_column: str = "item"
@@ -90,10 +96,31 @@ class InteractionsSection(_Section):
     recall_k: int = Field(20, ge=1, description="full-catalogue recall@k")
     batch_size: int = Field(1024, ge=1)
 
+    def file(self) -> Path:
+        """The interactions file: `path`, or `path` inside the folder of `package`."""
+        assert self.path is not None
+        if self.package is None:
+            return self.path
+        import importlib.util
+
+        try:
+            spec = importlib.util.find_spec(self.package)  # finds, never imports, a top package
+        except (ImportError, ValueError):
+            spec = None
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        if not locations:
+            raise StillroomError(
+                f"data.package {self.package!r} is not installed; install it (for MovieLens: "
+                f"pip install --no-deps recbole)"
+            )
+        return Path(locations[0]) / self.path
+
     @model_validator(mode="after")
     def _threshold_has_ratings(self) -> InteractionsSection:
         if self.path is None:
             raise ValueError("path: give the interactions file (CSV, Parquet, JSON or .inter)")
+        if self.package is not None and not self.package.isidentifier():
+            raise ValueError(f"package {self.package!r}: name a top-level package, e.g. recbole")
         if self.positive_threshold is not None and self.rating_column is None:
             raise ValueError(
                 "positive_threshold needs rating_column; or set positive_threshold: null"
@@ -213,6 +240,9 @@ class RankingRecipe(RecipeBase):
     distill: RankDistillSection = RankDistillSection()
     baseline: bool = True
     export_onnx: bool = Field(True, description="export the best student to ONNX (parity checked)")
+    serving_repeats: int = Field(
+        100, ge=1, description="timed calls per model for the latency median (batch 1)"
+    )
 
 
 def run_ranking(
@@ -256,7 +286,14 @@ def run_ranking(
     for model in teachers:
         model.requires_grad_(False)
     top_k = max((t.top_k for ts in recipe.distill.variants.values() for t in ts), default=1)
-    top = ranking_eval.teacher_top(kd_teacher, data, top_k)
+    # every teacher's score of every item, once: the students' terms look their teacher up here
+    full = {
+        n: ranking_eval.full_scores(m, data.n_users, data.n_items)
+        for n, m in zip(names, teachers, strict=True)
+    }
+    if len(teachers) > 1:
+        full["ensemble"] = combine_scores(torch.stack([full[n] for n in names]), recipe.combine)
+    top = ranking_eval.teacher_top(full[kd_name], data, top_k)
 
     # 2. the students: from labels alone, and one per variant of distillation terms
     students: dict[str, nn.Module] = {}
@@ -266,7 +303,7 @@ def run_ranking(
     for name, terms in plans.items():
         students[name] = _phase(
             run_dir / name, student_spec, recipe.student, data, keys, val, recipe.seed + 100,
-            resume, say, recipe.data, teacher=kd_teacher, top=top, terms=terms,
+            resume, say, recipe.data, teacher=full[kd_name], top=top, terms=terms,
             alpha=recipe.distill.alpha,
         )  # fmt: skip
 
@@ -275,13 +312,13 @@ def run_ranking(
     roles: dict[str, str] = {}
     archs: dict[str, str] = {}
     if len(teachers) > 1:
-        rows["ensemble"] = _row("ensemble", kd_teacher, None, data, tests, recipe)
+        rows["ensemble"] = _row("ensemble", kd_teacher, None, data, tests, recipe, full["ensemble"])
         rows["ensemble"]["size_bytes"] = sum(
             (run_dir / n / "model.safetensors").stat().st_size for n in names
         )
         roles["ensemble"], archs["ensemble"] = "ensemble", f"{recipe.combine} of {len(teachers)}"
     for name, model, section in zip(names, teachers, recipe.teachers, strict=True):
-        rows[name] = _row(name, model, run_dir / name, data, tests, recipe)
+        rows[name] = _row(name, model, run_dir / name, data, tests, recipe, full[name])
         roles[name] = "teacher" if len(teachers) == 1 else "member"
         archs[name] = section.label()
     val_ndcg = {}
@@ -331,7 +368,7 @@ def _prepare(recipe: RankingRecipe) -> tuple[Interactions, dict[int, np.ndarray]
     columns = Columns(
         section.user_column, section.item_column, section.rating_column, section.timestamp_column
     )
-    raw = read_interactions(section.path, columns)
+    raw = read_interactions(section.file(), columns)
     data = prepare_interactions(
         raw, section.positive_threshold, section.min_positives, source, section.drop_sparse_users
     )
@@ -354,9 +391,10 @@ def _row(
     data: Interactions,
     tests: dict[int, np.ndarray],
     recipe: RankingRecipe,
+    scores: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    metrics = ranking_eval.evaluate_ranker(model, data, tests, recipe.data.recall_k)
-    return ranking_eval.model_row(name, model, folder, data, metrics)
+    metrics = ranking_eval.evaluate_ranker(model, data, tests, recipe.data.recall_k, scores)
+    return ranking_eval.model_row(name, model, folder, data, metrics, recipe.serving_repeats)
 
 
 def _phase(
@@ -370,7 +408,7 @@ def _phase(
     resume: bool,
     say: Any,
     data_section: InteractionsSection,
-    teacher: nn.Module | None = None,
+    teacher: torch.Tensor | None = None,
     top: torch.Tensor | None = None,
     terms: list[RankTerm] = (),  # type: ignore[assignment]
     alpha: float = 0.0,
@@ -401,7 +439,7 @@ def train_ranker(
     section: RankerSection,
     data_section: InteractionsSection,
     seed: int,
-    teacher: nn.Module | None = None,
+    teacher: torch.Tensor | None = None,
     top: torch.Tensor | None = None,
     terms: list[RankTerm] | None = None,
     alpha: float = 0.0,
@@ -460,22 +498,22 @@ def train_ranker(
 def _term(
     term: RankTerm,
     model: nn.Module,
-    teacher: nn.Module | None,
+    teacher: torch.Tensor | None,
     top: torch.Tensor | None,
     users: torch.Tensor,
     items: torch.Tensor,
     data: Interactions,
     rng: np.random.Generator,
 ) -> torch.Tensor:
-    """One distillation term on a batch: (B,) users, (B, 1 + n_neg) training candidates."""
+    """One distillation term on a batch: (B,) users, (B, 1 + n_neg) training candidates;
+    `teacher`: (n_users, n_items) the teacher's scores of every item (constants)."""
     assert teacher is not None and top is not None
     if term.kind in ("pointwise", "listwise", "relaxed"):
         extra = torch.as_tensor(rng.integers(0, data.n_items, size=(len(users), term.samples)))
     if term.kind in ("pointwise", "listwise"):
-        candidates = torch.cat([users[:, None], items, extra], dim=1)
-        with torch.no_grad():
-            teacher_scores = teacher(candidates)
-        student_scores = model(candidates)
+        listed = torch.cat([items, extra], dim=1)
+        teacher_scores = teacher[users[:, None], listed]
+        student_scores = model(torch.cat([users[:, None], listed], dim=1))
         loss = pointwise_soft_label_loss if term.kind == "pointwise" else listwise_distillation_loss
         return loss(student_scores, teacher_scores, term.temperature)
     ranked = top[users, : term.top_k]

@@ -47,46 +47,47 @@ def candidate_metrics(scores: torch.Tensor, k: int = K) -> dict[str, float]:
 
 
 @torch.no_grad()
-def full_recall(
-    model: nn.Module, data: Interactions, k: int, exclude_val: bool = True, chunk: int = 256
-) -> float:
-    """Recall@k over the whole catalogue: the share of users whose test item is among the k best
-    scored items, training (and validation) items excluded. One held-out item: recall = hit rate."""
+def full_scores(model: nn.Module, n_users: int, n_items: int, chunk: int = 128) -> torch.Tensor:
+    """(n_users, n_items) the model's score of every item for every user."""
     model.eval()
-    items = torch.arange(data.n_items)
-    train = torch.zeros(data.n_users, data.n_items, dtype=torch.bool)
-    train[torch.as_tensor(data.train_users), torch.as_tensor(data.train_items)] = True
-    if exclude_val:
-        train[torch.arange(data.n_users), torch.as_tensor(data.val_items)] = True
-    hits = 0
-    for start in range(0, data.n_users, chunk):
-        users = torch.arange(start, min(start + chunk, data.n_users))
-        rows = torch.cat([users[:, None], items.expand(len(users), -1)], dim=1)
-        scores = model(rows).masked_fill(train[users], float("-inf"))
-        top = scores.topk(min(k, data.n_items), dim=1).indices
-        hits += (top == torch.as_tensor(data.test_items)[users, None]).any(1).sum().item()
-    return hits / data.n_users
+    items = torch.arange(n_items)
+    out = []
+    for start in range(0, n_users, chunk):
+        users = torch.arange(start, min(start + chunk, n_users))
+        out.append(model(torch.cat([users[:, None], items.expand(len(users), -1)], dim=1)))
+    return torch.cat(out)
 
 
-@torch.no_grad()
-def teacher_top(model: nn.Module, data: Interactions, k: int, chunk: int = 256) -> torch.Tensor:
+def _seen_in_training(data: Interactions, with_val: bool) -> torch.Tensor:
+    mask = torch.zeros(data.n_users, data.n_items, dtype=torch.bool)
+    mask[torch.as_tensor(data.train_users), torch.as_tensor(data.train_items)] = True
+    if with_val:
+        mask[torch.arange(data.n_users), torch.as_tensor(data.val_items)] = True
+    return mask
+
+
+def full_recall(scores: torch.Tensor, data: Interactions, k: int) -> float:
+    """Recall@k over the whole catalogue from (n_users, n_items) scores: the share of users whose
+    test item is among the k best scored items, training and validation items excluded (one
+    held-out item: recall = hit rate)."""
+    masked = scores.masked_fill(_seen_in_training(data, with_val=True), float("-inf"))
+    top = masked.topk(min(k, data.n_items), dim=1).indices
+    return (top == torch.as_tensor(data.test_items)[:, None]).any(1).float().mean().item()
+
+
+def teacher_top(scores: torch.Tensor, data: Interactions, k: int) -> torch.Tensor:
     """(n_users, k) the teacher's best items per user among those not in the user's training
-    items, best first: the lists ranking distillation reads."""
-    model.eval()
-    items = torch.arange(data.n_items)
-    train = torch.zeros(data.n_users, data.n_items, dtype=torch.bool)
-    train[torch.as_tensor(data.train_users), torch.as_tensor(data.train_items)] = True
-    tops = []
-    for start in range(0, data.n_users, chunk):
-        users = torch.arange(start, min(start + chunk, data.n_users))
-        rows = torch.cat([users[:, None], items.expand(len(users), -1)], dim=1)
-        scores = model(rows).masked_fill(train[users], float("-inf"))
-        tops.append(scores.topk(k, dim=1).indices)
-    return torch.cat(tops)
+    items, best first (from its (n_users, n_items) scores): the lists ranking distillation reads."""
+    masked = scores.masked_fill(_seen_in_training(data, with_val=False), float("-inf"))
+    return masked.topk(k, dim=1).indices
 
 
 def evaluate_ranker(
-    model: nn.Module, data: Interactions, test_sets: dict[int, np.ndarray], recall_k: int
+    model: nn.Module,
+    data: Interactions,
+    test_sets: dict[int, np.ndarray],
+    recall_k: int,
+    scores: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Every test metric of one model: for each negative count N, hr/ndcg@10 and AUC (the first
     count unsuffixed, the others suffixed _N), then full-catalogue recall@k."""
@@ -95,7 +96,9 @@ def evaluate_ranker(
         found = candidate_metrics(score_rows(model, rows))
         suffix = "" if i == 0 else f"_{count}neg"
         metrics |= {f"{name}{suffix}": value for name, value in found.items()}
-    metrics[f"recall@{recall_k}_full"] = full_recall(model, data, recall_k)
+    if scores is None:
+        scores = full_scores(model, data.n_users, data.n_items)
+    metrics[f"recall@{recall_k}_full"] = full_recall(scores, data, recall_k)
     return metrics
 
 
@@ -115,7 +118,7 @@ def serving_costs(
         )
 
     one, many = rows(1), rows(THROUGHPUT_BATCH)
-    for _ in range(10):
+    for _ in range(min(10, repeats)):
         model(one)
     times = []
     for _ in range(repeats):
@@ -124,7 +127,7 @@ def serving_costs(
         times.append(time.perf_counter() - start)
     model(many)
     batch_times = []
-    for _ in range(max(5, repeats // 10)):
+    for _ in range(max(3, repeats // 10)):
         start = time.perf_counter()
         model(many)
         batch_times.append(time.perf_counter() - start)
@@ -135,9 +138,14 @@ def serving_costs(
 
 
 def model_row(
-    name: str, model: nn.Module, folder: Path | None, data: Interactions, metrics: dict[str, Any]
+    name: str,
+    model: nn.Module,
+    folder: Path | None,
+    data: Interactions,
+    metrics: dict[str, Any],
+    repeats: int = 100,
 ) -> dict[str, Any]:
-    costs = serving_costs(model, data.n_users, data.n_items)
+    costs = serving_costs(model, data.n_users, data.n_items, repeats)
     return {
         "metrics": {**metrics, "users_per_s": costs["users_per_s"]},
         "parameters": count_parameters(model),

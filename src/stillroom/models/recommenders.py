@@ -141,11 +141,16 @@ class RankerEnsemble(nn.Module):
         self.combine = combine
 
     def forward(self, candidates: torch.Tensor) -> torch.Tensor:
-        scores = torch.stack([member(candidates) for member in self.members])
-        if self.combine == "mean_logit":
-            return scores.mean(0)
-        p = torch.sigmoid(scores).mean(0).clamp(1e-7, 1 - 1e-7)
-        return torch.log(p) - torch.log1p(-p)
+        return combine_scores(torch.stack([m(candidates) for m in self.members]), self.combine)
+
+
+def combine_scores(scores: torch.Tensor, combine: str) -> torch.Tensor:
+    """(M, ...) the members' scores -> (...) the ensemble's: the mean score (mean_logit), or the
+    logit of the mean sigmoid probability (mean_prob)."""
+    if combine == "mean_logit":
+        return scores.mean(0)
+    p = torch.sigmoid(scores).mean(0).clamp(1e-7, 1 - 1e-7)
+    return torch.log(p) - torch.log1p(-p)
 
 
 RANKERS: dict[str, type[Ranker]] = {
@@ -185,5 +190,6 @@ __all__ = [
     "RankerEnsemble",
     "TwoTower",
     "build_ranker",
+    "combine_scores",
     "ranker_spec",
 ]
