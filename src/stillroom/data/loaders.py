@@ -31,6 +31,11 @@ class IndexedDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         return self.inputs[i], self.targets[i], i
 
+
+class GatheredDataset(IndexedDataset):
+    """An IndexedDataset whose batches are gathered in one step: `make_loader`'s. A DataLoader
+    over it needs its collate (`loader.collate_fn`), as the batch comes already whole."""
+
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         index = torch.as_tensor(indices, dtype=torch.int64)
         return self.inputs[index], self.targets[index], index
@@ -44,7 +49,7 @@ def _gathered(batch: Any) -> Any:
 def make_loader(data: ArrayData, batch_size: int, shuffle: bool) -> DataLoader:
     """A DataLoader over `data`; the training loop seeds its shuffling per epoch."""
     return DataLoader(
-        IndexedDataset(data.inputs, data.targets),
+        GatheredDataset(data.inputs, data.targets),
         batch_size=batch_size,
         shuffle=shuffle,
         collate_fn=_gathered,

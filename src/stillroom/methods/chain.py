@@ -178,7 +178,13 @@ def distill_chain(
 def _soft_targets(teacher: nn.Module, train_loader: DataLoader) -> CachedTeacher:
     """The teacher's outputs for every training sample, computed once (row = sample index)."""
     return generate_soft_targets(
-        teacher, DataLoader(train_loader.dataset, batch_size=512, shuffle=False)
+        teacher,
+        DataLoader(
+            train_loader.dataset,
+            batch_size=512,
+            shuffle=False,
+            collate_fn=train_loader.collate_fn,  # the dataset's own way of making a batch
+        ),
     )
 
 
