@@ -253,9 +253,11 @@ def train_students(
     *,
     progress: bool = True,
     resume: bool = False,
+    equal_steps: bool = False,
 ) -> dict[str, torch.nn.Module]:
     """The recipe's student architecture from labels alone (student_scratch/, when
-    recipe.baseline) and distilled from `kd_teacher` (student_kd/), identically initialised."""
+    recipe.baseline) and distilled from `kd_teacher` (student_kd/), identically initialised.
+    equal_steps: the scratch student trains as many optimizer steps as the distilled one."""
     task, spec = splits.train.task, recipe.student.spec()
     input_shape, num_outputs = splits.train.input_shape, splits.train.num_outputs
     students: dict[str, torch.nn.Module] = {}
@@ -263,7 +265,7 @@ def train_students(
     if recipe.baseline:
         labelled = labelled_only(student_train)
         epochs = recipe.distill.epochs
-        if recipe.baseline_equal_steps and len(labelled):
+        if equal_steps and len(labelled):
             # as many optimizer steps as the distilled student, which sees every sample
             epochs = math.ceil(epochs * len(student_train) / len(labelled))
         scratch_args = recipe.train_args(

@@ -123,7 +123,14 @@ def run_recipe(
     # 3. the same student architecture, from labels alone and distilled
     kd_teacher: Any = teacher if live else store or CachedTeacher(soft_targets.outputs)
     students = train_students(
-        recipe, run_dir, kd_teacher, splits, student_train, progress=progress, resume=resume
+        recipe,
+        run_dir,
+        kd_teacher,
+        splits,
+        student_train,
+        progress=progress,
+        resume=resume,
+        equal_steps=recipe.baseline_equal_steps,
     )
 
     # 4. the comparison on the held-out test split
