@@ -39,6 +39,7 @@ from stillroom.methods import (
     classic,
     encoder,
     ensemble,
+    federated,
     multitask,
     ranking,
     self_distill,
@@ -120,6 +121,12 @@ METHODS: dict[str, Method] = {
         ranking.run_ranking,
         "a big recommender (NeuMF, two-tower) or ensemble distilled into a small real-time one on "
         "implicit feedback: pointwise, ranking (Tang & Wang), listwise, relaxed (DE-RRD) terms",
+    ),
+    "federated": Method(
+        federated.FederatedRecipe,
+        federated.run_federated,
+        "clients that never pool their data, on a Dirichlet non-IID split: FedAvg vs FedDF "
+        "(server-side ensemble distillation, heterogeneous clients), local-only, centralised",
     ),
 }
 
