@@ -37,6 +37,7 @@ from stillroom.methods import (
     born_again,
     causal_lm,
     classic,
+    continual,
     encoder,
     ensemble,
     federated,
@@ -127,6 +128,12 @@ METHODS: dict[str, Method] = {
         federated.run_federated,
         "clients that never pool their data, on a Dirichlet non-IID split: FedAvg vs FedDF "
         "(server-side ensemble distillation, heterogeneous clients), local-only, centralised",
+    ),
+    "continual": Method(
+        continual.ContinualRecipe,
+        continual.run_continual,
+        "a model kept current over a task sequence (class- or domain-incremental), distilling "
+        "from itself: fine-tuning, LwF, LwF + exemplar memory, joint; accuracy matrix, forgetting",
     ),
 }
 
