@@ -47,26 +47,23 @@ def client_app(fed: Federation):
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return train_reply(fed, msg, int(context.node_config["partition-id"]))
+        k = int(context.node_config["partition-id"])
+        return Message(content=train_update(fed, msg.content, k), reply_to=msg)
 
     return app
 
 
-def train_reply(fed: Federation, msg: Any, k: int) -> Any:
-    """Client k's reply to a train message (the ClientApp's handler, callable without Flower's
-    engine)."""
-    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+def train_update(fed: Federation, content: Any, k: int) -> Any:
+    """Client k's reply content to a train message's content (the ClientApp's handler, callable
+    without Flower's engine): its new arrays and its sample count."""
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-    state = msg.content["arrays"].to_torch_state_dict()
-    round_ = int(msg.content["config"]["server-round"])
+    state = content["arrays"].to_torch_state_dict()
+    round_ = int(content["config"]["server-round"])
     new, n = client_update(fed, k, state, round_)
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(new),
-            "metrics": MetricRecord({"num-examples": n, "client": k}),
-        }
+    return RecordDict(
+        {"arrays": ArrayRecord(new), "metrics": MetricRecord({"num-examples": n, "client": k})}
     )
-    return Message(content=content, reply_to=msg)
 
 
 def strategy_class():
