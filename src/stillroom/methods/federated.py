@@ -280,7 +280,8 @@ def _summary(
             name = f"{algorithm}/{_arch(spec)}" if several else algorithm
             curve = [h["accuracy"][g] for h in history]
             metrics = {"accuracy": curve[-1], "best_round_accuracy": max(curve)}
-            metrics["bytes_per_round_per_client"] = float(history[-1]["bytes_up"][0])
+            first = fed.client_group.index(g)  # every client of a group sends the same size
+            metrics["bytes_per_round_per_client"] = float(history[-1]["bytes_up"][first])
             folder = run_dir / algorithm / last / f"group_{g}"
             rows.append(_row(run_dir, name, role, folder, metrics, fed.input_shape))
     if central is not None:
