@@ -90,6 +90,8 @@ def write_summary_report(run_dir: Path, out: Path, summary: Summary) -> Path:
         fig = draw()
         fig.savefig(figures[name], dpi=DPI)
         plt.close(fig)
+    for own in sorted((run_dir / "figures").glob("*.png")):  # a method's own (tune: the study's)
+        figures[own.stem] = own
     numbers["figures"] = {name: path.name for name, path in figures.items()}
     atomic_write_json(out / "report.json", numbers)
     atomic_write_text(out / "report.html", render_summary_html(numbers, summary, figures))

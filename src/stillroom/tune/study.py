@@ -1,0 +1,594 @@
+"""`stillroom tune RECIPE --trials N`: an Optuna study over the recipe's `tune.space`.
+
+    recipe -> teacher (trained once, or given) -> one soft-target store over the training set
+           -> N trials: each a student distilled from the store with the trial's values, scored
+              on the validation split, pruned from its per-epoch validation values
+           -> best_recipe.yaml -> starting and tuned recipes retrained on `tune.seeds` seeds,
+              compared on the test split (mean +- std)
+
+Run folder:
+    config.yaml               the resolved recipe, tune section included
+    teacher/, store/          the teacher and its soft-target store, computed once
+    study.db                  the Optuna study (SQLite; --storage URL puts it elsewhere)
+    best_recipe.yaml          the best trial's recipe, ready for `stillroom distill`
+    final/start-seedS/        the starting recipe, a classic run per seed
+    final/trialK-seedS/       the best trial's recipe (trial K) on the same seed and teacher
+    figures/                  history.png, importances.png, temperature_alpha.png
+    results.json, summary.json, results.md
+
+The study is named after the recipe and keeps the recipe's hash: a killed `tune` continues with
+--resume (finished trials are kept, the ones it was running are marked failed and redrawn), and
+--workers K runs K processes against the one storage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stillroom.config import (
+    Recipe,
+    dump_recipe,
+    read_recipe_tree,
+    resolve_factories,
+    validate_recipe,
+)
+from stillroom.errors import NonFiniteLossError, StillroomError
+from stillroom.io import atomic_write_json, atomic_write_text
+from stillroom.tune.space import (
+    Param,
+    TuneSection,
+    check_bounds,
+    field_kinds,
+    split_tune,
+    with_values,
+)
+
+HASH_ATTR = "stillroom_recipe_hash"
+
+
+@dataclass
+class TrialJob:
+    """Everything a trial process needs (plain values: it crosses a spawn boundary)."""
+
+    tree: dict[str, Any]
+    source: str
+    space: dict[str, dict[str, Any]]
+    kinds: dict[str, str]
+    storage: str
+    study_name: str
+    total: int
+    store: str
+    seed: int
+    progress: bool
+
+
+@dataclass
+class TuneResult:
+    run_dir: Path
+    metric: str
+    best_params: dict[str, Any]
+    best_value: float
+    trials: int
+    pruned: int
+    best_recipe: Path
+    comparison: dict[str, Any] = field(default_factory=dict)
+
+
+def recipe_hash(tree: dict[str, Any]) -> str:
+    """The study's identity: the recipe with its tune section, less the trial count (which
+    --trials may raise on a resume)."""
+    ident = json.loads(json.dumps(tree, sort_keys=True, default=str))
+    ident.get("tune", {}).pop("trials", None)
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def open_storage(url: str) -> Any:
+    """An Optuna RDB storage, or one line naming the URL and why it cannot be opened."""
+    import optuna
+
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as err:  # sqlalchemy raises many types: an unknown dialect, a bad path, ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StillroomError(
+            f"cannot open the study storage {url!r}: {reason}; give an Optuna storage URL such "
+            "as sqlite:///path/study.db"
+        ) from None
+
+
+def _check_study(storage: Any, name: str, ident: str) -> None:
+    """Refuse a study of the same name made by a different recipe (it is left as it is)."""
+    import optuna
+
+    for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
+        if summary.study_name == name and summary.user_attrs.get(HASH_ATTR) != ident:
+            raise StillroomError(
+                f"the storage holds a study {name!r} made by a different recipe (its recipe hash "
+                f"{summary.user_attrs.get(HASH_ATTR)}, this one {ident}); it is left untouched: "
+                "use the same recipe, another name:, or another --storage"
+            )
+
+
+def tune(
+    recipe: Path | str,
+    overrides: list[str] | None = None,
+    run_dir: Path | str | None = None,
+    *,
+    trials: int | None = None,
+    workers: int = 1,
+    storage: str | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> TuneResult:
+    """Tune the recipe's `tune.space` with Optuna and compare the best recipe with the starting
+    one on `tune.seeds` seeds (see the module docstring for the run folder)."""
+    from stillroom.pipeline import check_models, check_task, prepare_data
+    from stillroom.runs import check_run_dir_free, prepare_run_dir, release
+
+    tree, source = read_recipe_tree(recipe, overrides)
+    section, rest = split_tune(tree, source)
+    base = validate_recipe(rest, source, Recipe)
+    full = validate_recipe(tree, source, Recipe)
+    resolve_factories(base, recipe)
+    kinds = field_kinds(section.space, base, source)
+    check_bounds(section.space, kinds, rest, source)
+    total = trials if trials is not None else section.trials
+    if total < 1 or workers < 1:
+        raise StillroomError(f"--trials ({total}) and --workers ({workers}) must be at least 1")
+    if base.teacher.store is not None:
+        raise StillroomError(
+            f"{source}: tune computes the teacher's store itself (in the run folder); drop "
+            "teacher.store (teacher.checkpoint reuses a trained teacher)"
+        )
+    _no_feature_terms(base, source)
+    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{base.name}"
+    ident = recipe_hash(tree)
+    if storage is not None:  # checked before the run folder exists: a bad URL writes nothing
+        _check_study(open_storage(storage), base.name, ident)
+    check_run_dir_free(run_dir, resume, force)
+    splits, student_train = prepare_data(base)
+    check_task(base, splits.train.task)
+    check_models(base, splits, None)
+    prepare_run_dir(run_dir, full, resume, force, (base.teacher.checkpoint,))
+    try:
+        return _tune_in(
+            run_dir,
+            base,
+            rest,
+            source,
+            section,
+            kinds,
+            total,
+            workers,
+            storage,
+            ident,
+            splits,
+            student_train,
+            resume,
+            progress,
+        )
+    finally:
+        release(run_dir)
+
+
+def _no_feature_terms(recipe: Recipe, source: str) -> None:
+    from stillroom.objective import tapped_layers
+
+    if tapped_layers(list(recipe.train_args(recipe.distill, "classification").terms))[1]:
+        raise StillroomError(
+            f"{source}: tune trains every trial from the teacher's stored outputs, and a term "
+            "reads teacher layers live; tune a recipe with output terms only"
+        )
+
+
+def _tune_in(
+    run_dir: Path,
+    base: Recipe,
+    rest: dict[str, Any],
+    source: str,
+    section: TuneSection,
+    kinds: dict[str, str],
+    total: int,
+    workers: int,
+    storage: str | None,
+    ident: str,
+    splits: Any,
+    student_train: Any,
+    resume: bool,
+    progress: bool,
+) -> TuneResult:
+    import optuna
+
+    from stillroom.train.evaluate import METRICS
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.perf_counter()
+    store = _teacher_store(run_dir, base, splits, student_train, progress, resume)
+    url = storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    rdb = open_storage(url)
+    _check_study(rdb, base.name, ident)
+    task = splits.train.task
+    metric, way = METRICS[task]
+    study = optuna.create_study(
+        study_name=base.name,
+        storage=rdb,
+        direction="maximize" if way == "max" else "minimize",
+        load_if_exists=True,
+    )
+    study.set_user_attr(HASH_ATTR, ident)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        # the run folder is ours (locked): a trial still "running" belongs to a killed process
+        rdb.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    job = TrialJob(
+        tree=rest,
+        source=source,
+        space={name: p.model_dump() for name, p in section.space.items()},
+        kinds=kinds,
+        storage=url,
+        study_name=base.name,
+        total=total,
+        store=str(store),
+        seed=base.seed,
+        progress=progress,
+    )
+    tune_settings = section.model_dump(exclude={"space"})
+    spawned = []
+    if workers > 1:
+        context = multiprocessing.get_context("spawn")
+        spawned = [
+            context.Process(target=optimize, args=(job, tune_settings, k))
+            for k in range(1, workers)
+        ]
+        for process in spawned:
+            process.start()
+    try:
+        optimize(job, tune_settings, 0)
+    finally:
+        for process in spawned:
+            process.join()
+    study_seconds = time.perf_counter() - started
+    bad = [p.exitcode for p in spawned if p.exitcode != 0]
+    if bad:
+        raise StillroomError(
+            f"{len(bad)} worker process(es) failed (exit {bad}); rerun with --resume"
+        )
+
+    finished = _finished(study)
+    complete = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        raise StillroomError("no trial finished; widen tune.space or lower tune.startup_trials")
+    best = study.best_trial
+    best_values = decode(best.params, job.space, kinds)
+    best_tree = with_values(rest, best_values)
+    best_tree["name"] = f"{base.name}_tuned"
+    best_recipe = validate_recipe(best_tree, f"{source} (best trial)", Recipe)
+    atomic_write_text(run_dir / "best_recipe.yaml", dump_recipe(best_recipe))
+
+    from stillroom.tune.pictures import write_study_figures
+
+    figures = write_study_figures(study, run_dir / "figures", job.space, kinds, metric)
+    comparison = compare_on_seeds(
+        run_dir, rest, best_tree, f"trial{best.number + 1}", base.seed, section.seeds, metric
+    )
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in finished)
+    result = TuneResult(
+        run_dir=run_dir,
+        metric=metric,
+        best_params=best_values,
+        best_value=float(best.value),
+        trials=len(finished),
+        pruned=pruned,
+        best_recipe=run_dir / "best_recipe.yaml",
+        comparison=comparison,
+    )
+    payload = {
+        **{k: v for k, v in asdict(result).items() if k not in ("run_dir", "best_recipe")},
+        "objective": f"best validation {metric} of the distilled student (never the test split)",
+        "higher_is_better": way == "max",
+        "study_name": base.name,
+        "storage": url if storage else "study.db",
+        "workers": workers,
+        "study_seconds_this_call": round(study_seconds, 1),
+        "trial_seconds_total": round(sum(_seconds(t) for t in finished), 1),
+        "trial_list": [_trial_row(t, job.space, kinds) for t in _all(study)],
+        "figures": [p.name for p in figures],
+    }
+    atomic_write_json(run_dir / "results.json", payload)
+    from stillroom.results import write_summary
+    from stillroom.tune.summary import tune_summary
+
+    write_summary(tune_summary(base, best_recipe, payload, comparison, way == "max"), run_dir)
+    return result
+
+
+def _teacher_store(
+    run_dir: Path, recipe: Recipe, splits: Any, student_train: Any, progress: bool, resume: bool
+) -> Path:
+    """The teacher trained once (or given) and its outputs over the training set cached once,
+    in RUN_DIR/store: every trial, in every worker, reads this store."""
+    from stillroom.models import load_model, save_model
+    from stillroom.pipeline import given_teacher, train_teacher
+    from stillroom.runs import is_complete
+    from stillroom.store import cache_teacher
+
+    folder = run_dir / "teacher"
+    if is_complete(folder):
+        teacher, _ = load_model(folder)
+    else:
+        given = given_teacher(recipe, splits)
+        if given is not None:
+            saved, meta = given
+            save_model(saved, meta.pop("spec"), folder, **meta)
+            teacher, _ = load_model(folder)
+        else:
+            teacher = train_teacher(recipe, run_dir, splits, progress=progress, resume=resume)
+    store = run_dir / "store"
+    if not (store / "manifest.json").is_file() or not _store_fits(store, teacher, student_train):
+        cache_teacher(
+            teacher,
+            student_train,
+            store,
+            precision="fp32",
+            resume=store.exists(),
+            progress=progress,
+            command="stillroom tune (the run's teacher, cached once for every trial)",
+        )
+    return store
+
+
+def _store_fits(store: Path, teacher: Any, data: Any) -> bool:
+    from stillroom.store import StoreTeacher
+
+    try:
+        StoreTeacher(store, teacher=teacher, data=data)
+    except StillroomError:
+        return False
+    return True
+
+
+def suggest(trial: Any, name: str, param: dict[str, Any], kind: str) -> Any:
+    """The trial's value for one field. Choices are offered as their JSON text: Optuna's
+    categorical values are scalars, a choice may be a list of widths."""
+    if kind == "choices":
+        return json.loads(
+            trial.suggest_categorical(name, [json.dumps(c) for c in param["choices"]])
+        )
+    if kind == "int":
+        step = int(param["step"] or 1)
+        return trial.suggest_int(
+            name, int(param["low"]), int(param["high"]), step=step, log=param["log"]
+        )
+    return trial.suggest_float(
+        name, param["low"], param["high"], step=param["step"], log=param["log"]
+    )
+
+
+def decode(params: dict[str, Any], space: dict[str, dict[str, Any]], kinds: dict[str, str]) -> dict:
+    return {
+        name: json.loads(value) if kinds[name] == "choices" else value
+        for name, value in params.items()
+        if name in space
+    }
+
+
+def optimize(job: TrialJob, settings: dict[str, Any], worker: int) -> None:
+    """One process's share of the study: trials until `job.total` have finished."""
+    import optuna
+    from optuna.study import MaxTrialsCallback
+    from optuna.trial import TrialState
+
+    from stillroom.cli.common import console
+    from stillroom.data import make_loader
+    from stillroom.pipeline import build_seeded, prepare_data
+    from stillroom.store import StoreTeacher
+    from stillroom.train import distill
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    base = validate_recipe(job.tree, job.source, Recipe)
+    splits, student_train = prepare_data(base)
+    task = splits.train.task
+    teacher = StoreTeacher(job.store)
+    val_loader = make_loader(splits.val, 512, shuffle=False)
+    pruner: optuna.pruners.BasePruner = (
+        optuna.pruners.MedianPruner(
+            n_startup_trials=settings["startup_trials"], n_warmup_steps=settings["warmup_epochs"]
+        )
+        if settings["pruner"] == "median"
+        else optuna.pruners.NopPruner()
+    )
+    rdb = open_storage(job.storage)
+    # a resumed study draws on from a new seed: the same seed would propose the same values again
+    drawn = len(_all(optuna.load_study(study_name=job.study_name, storage=rdb)))
+    study = optuna.load_study(
+        study_name=job.study_name,
+        storage=rdb,
+        sampler=optuna.samplers.TPESampler(
+            seed=job.seed * 1000 + worker * 100 + drawn,
+            n_startup_trials=settings["startup_trials"],
+        ),
+        pruner=pruner,
+    )
+    done = len(_finished(study))
+    if done >= job.total:
+        return
+
+    def objective(trial: optuna.Trial) -> float:
+        values = {
+            name: suggest(trial, name, job.space[name], job.kinds[name]) for name in job.space
+        }
+        trial.set_user_attr("worker", worker)
+        recipe = validate_recipe(with_values(job.tree, values), job.source, Recipe)
+        args = recipe.train_args(
+            recipe.distill, task, progress=False, description=f"trial {trial.number + 1}"
+        )
+        spec = recipe.student.spec()
+        student = build_seeded(spec, splits.train.input_shape, splits.train.num_outputs, base.seed)
+
+        def report(epoch: int, value: float) -> None:
+            trial.report(value, epoch)
+            if trial.should_prune():
+                trial.set_user_attr("pruned_at_epoch", epoch)
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+        result = distill(
+            teacher,
+            student,
+            make_loader(student_train, recipe.data.batch_size, shuffle=True),
+            val_loader,
+            args=args,
+            report=report,
+        )
+        assert result.best_value is not None
+        return result.best_value
+
+    def show(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if not job.progress:
+            return
+        finished = len(_finished(study))
+        state = {
+            TrialState.COMPLETE: f"val {trial.value:.4f}",
+            TrialState.PRUNED: f"pruned at epoch {trial.user_attrs.get('pruned_at_epoch', '?')}",
+        }.get(trial.state, trial.state.name.lower())
+        try:
+            best = f"best so far {study.best_value:.4f} (trial {study.best_trial.number + 1})"
+        except ValueError:
+            best = "no trial finished yet"
+        shown = ", ".join(
+            f"{k}={_short(v)}" for k, v in decode(trial.params, job.space, job.kinds).items()
+        )
+        console.print(
+            f"trial {trial.number + 1} ({finished} of {job.total} done): {state}; {shown}; {best}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    study.optimize(
+        objective,
+        n_trials=job.total - done,
+        callbacks=[
+            MaxTrialsCallback(job.total, states=(TrialState.COMPLETE, TrialState.PRUNED)),
+            show,
+        ],
+        catch=(
+            NonFiniteLossError,
+        ),  # lr too high for these values: the trial fails, the study goes on
+    )
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else json.dumps(value)
+
+
+def _all(study: Any) -> list[Any]:
+    return study.get_trials(deepcopy=False)
+
+
+def _finished(study: Any) -> list[Any]:
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def _seconds(trial: Any) -> float:
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return 0.0
+    return (trial.datetime_complete - trial.datetime_start).total_seconds()
+
+
+def _trial_row(trial: Any, space: dict[str, dict[str, Any]], kinds: dict[str, str]) -> dict:
+    return {
+        "number": trial.number + 1,
+        "state": trial.state.name.lower(),
+        "value": trial.value,
+        "params": decode(trial.params, space, kinds),
+        "epochs": len(trial.intermediate_values),
+        "seconds": round(_seconds(trial), 2),
+    }
+
+
+# --- the final comparison on the test split ------------------------------------------------------
+
+
+def run_classic(tree: dict[str, Any], folder: Path, source: str) -> dict[str, Any]:
+    """A classic run of `tree` into `folder` (kept when finished, resumed when started)."""
+    from stillroom.methods.classic import load_results, run_recipe
+    from stillroom.runs import release
+
+    if (folder / "results.json").is_file():
+        return load_results(folder)
+    recipe = validate_recipe(tree, source, Recipe)
+    try:
+        run_recipe(recipe, folder, resume=(folder / "config.yaml").is_file(), progress=False)
+    finally:
+        release(folder)
+    return load_results(folder)
+
+
+def compare_on_seeds(
+    run_dir: Path,
+    start_tree: dict[str, Any],
+    best_tree: dict[str, Any],
+    best_name: str,
+    first_seed: int,
+    seeds: int,
+    metric: str,
+) -> dict[str, Any]:
+    """The starting and the tuned recipe on `seeds` seeds; per seed one teacher (trained by the
+    starting run) that the tuned run loads, so both students learn from the same teacher."""
+    from stillroom.cli.common import console
+
+    per_seed: dict[str, dict[str, Any]] = {}
+    for seed in range(first_seed, first_seed + seeds):
+        start_dir = run_dir / "final" / f"start-seed{seed}"
+        console.print(
+            f"final comparison: seed {seed} ({seed - first_seed + 1} of {seeds})", highlight=False
+        )
+        start = run_classic(with_values(start_tree, {"seed": seed}), start_dir, "starting recipe")
+        tuned_tree = with_values(
+            best_tree,
+            {"seed": seed, "baseline": False, "teacher.checkpoint": str(start_dir / "teacher")},
+        )
+        tuned = run_classic(
+            tuned_tree, run_dir / "final" / f"{best_name}-seed{seed}", "tuned recipe"
+        )
+        if seed == first_seed:  # parameters, size and latency: the same on every seed
+            costs = {
+                "teacher": start["models"]["teacher"],
+                "student_scratch": start["models"].get("student_scratch"),
+                "start": start["models"]["student_kd"],
+                "tuned": tuned["models"]["student_kd"],
+            }
+        per_seed[str(seed)] = {
+            "teacher": start["models"]["teacher"][metric],
+            "scratch": start["models"]["student_scratch"][metric]
+            if "student_scratch" in start["models"]
+            else None,
+            "start": start["models"]["student_kd"][metric],
+            "tuned": tuned["models"]["student_kd"][metric],
+        }
+    keep = ("parameters", "size_bytes", "latency_ms")
+    out: dict[str, Any] = {
+        "metric": metric,
+        "tuned_folder": best_name,
+        "seeds": per_seed,
+        "costs": {k: {f: v[f] for f in keep} if v else None for k, v in costs.items()},
+    }
+    for role in ("teacher", "scratch", "start", "tuned"):
+        values = [row[role] for row in per_seed.values() if row[role] is not None]
+        out[role] = {
+            "mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        }
+    return out
+
+
+__all__ = ["Param", "TuneResult", "TuneSection", "tune"]
