@@ -354,18 +354,27 @@ MANIFEST_EDITS = st.lists(
 )
 
 
+def _step(node: Any, part: str) -> tuple[bool, Any]:
+    """(found, child) of a dict key or list position."""
+    if isinstance(node, dict):
+        return part in node, node.get(part)
+    if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        return True, node[int(part)]
+    return False, None
+
+
 def _edit(tree: Any, dotted: str, value: Any) -> None:
+    """Set `dotted` (dict keys, list positions) in `tree`; a path an earlier edit broke is left."""
     *parents, last = dotted.split(".")
     node = tree
     for part in parents:
-        node = node[int(part)] if isinstance(node, list) else node.get(part)
-        if not isinstance(node, dict | list):
+        found, node = _step(node, part)
+        if not found:
             return
-    if isinstance(node, list):
-        if int(last) < len(node):
-            node[int(last)] = value
-    else:
+    if isinstance(node, dict):
         node[last] = value
+    elif isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
 
 
 def _open_edited_store(store: Path, tmp: Path, edits: list[tuple[str, Any]]) -> None:

@@ -216,7 +216,13 @@ def prepare_run_dir(
                 f"nothing to resume in {run_dir}: it holds no config.yaml from an earlier run"
             )
         hold(run_dir)
-        if config_path.read_text() != dump_recipe(recipe):
+        try:
+            started_with = config_path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            started_with = None
+        if started_with is not None:
+            check_finished_phases(run_dir)
+        if started_with != dump_recipe(recipe):
             release(run_dir)
             raise StillroomError(
                 f"the recipe differs from the one {run_dir} was started with (see its config.yaml); "
@@ -237,6 +243,35 @@ def prepare_run_dir(
 DONE = "done.json"
 """Written last, atomically, into a phase's folder once its model is saved: `--resume` loads a
 folder holding it instead of training again, and continues any other from its checkpoints."""
+
+
+def check_finished_phases(run_dir: Path) -> None:
+    """Before a resume trusts them: every phase folder marked finished holds a readable done.json
+    and, where it saved a stillroom model, a model.json that rebuilds and its weights file. One
+    line naming the folder, with what to do, instead of a failure after hours of the next phase."""
+    from stillroom.models import read_model_json
+
+    for done in sorted(Path(run_dir).glob(f"*/{DONE}")) + sorted(Path(run_dir).glob(f"*/*/{DONE}")):
+        phase = done.parent
+        try:
+            json.loads(done.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise StillroomError(
+                f"{done} is damaged; delete {phase} and rerun with --resume to redo that phase"
+            ) from None
+        if (phase / "model.json").is_file():
+            try:
+                read_model_json(phase)
+            except StillroomError as err:
+                raise StillroomError(
+                    f"{err}; delete {phase} and rerun with --resume to redo that phase"
+                ) from None
+            weights = phase / "model.safetensors"
+            if weights.is_symlink() or not weights.is_file():
+                raise StillroomError(
+                    f"{phase} is marked finished but holds no model.safetensors; delete {phase} "
+                    "and rerun with --resume to redo that phase"
+                )
 
 
 def is_complete(folder: Path) -> bool:

@@ -170,7 +170,15 @@ def build_model(spec: dict[str, Any], input_shape: tuple[int, ...], num_outputs:
                 f"{MAX_PARAMETERS:,}, {MAX_PARAMETERS * 4 // 2**30} GiB as float32); use "
                 "narrower layers"
             )
-    return MODELS[kind](spec, tuple(input_shape), num_outputs)
+    try:
+        return MODELS[kind](spec, tuple(input_shape), num_outputs)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        # a spec from a model.json: a missing or mistyped key is the file's fault, one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise StillroomError(
+            f"model spec of kind {kind} cannot be built ({type(err).__name__}: {first}); check "
+            "model.json, or save the model again"
+        ) from None
 
 
 def device_of(model: nn.Module) -> torch.device:
