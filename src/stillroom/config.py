@@ -34,6 +34,7 @@ from stillroom.objective import (
     spec_problem,
 )
 from stillroom.train.args import TrainArgs
+from stillroom.yaml_safe import MAX_RECIPE_BYTES, safe_yaml, shorten
 
 SchemaT = TypeVar("SchemaT", bound=BaseModel)
 
@@ -43,59 +44,9 @@ next to any realistic input."""
 MAX_LAYERS = 64
 MAX_SEED = 2**32 - 1
 """Seeds go to numpy as well as torch: numpy takes 0 .. 2**32 - 1."""
-MAX_RECIPE_BYTES = 1 << 20
-MAX_YAML_NODES = 100_000
-"""A recipe expands to at most this many YAML nodes (aliases counted as what they expand to): a
-kilobyte of nested aliases could otherwise expand to gigabytes."""
-MAX_YAML_DEPTH = 64
-MAX_SHOWN = 120
-"""Characters of a given value quoted in an error message."""
-
 Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
 Widths = Annotated[list[Width], Field(max_length=MAX_LAYERS)]
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
-
-
-def shorten(text: str, limit: int = MAX_SHOWN) -> str:
-    """`text` cut to `limit` characters, saying how long it was: no error line grows unbounded."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
-
-
-def _check_yaml_size(text: str, source: str) -> None:
-    """Refuse YAML that nests deeper than MAX_YAML_DEPTH or expands (aliases included) beyond
-    MAX_YAML_NODES, from the event stream, before anything is built from it."""
-    sizes: dict[str, int] = {}  # anchor -> nodes it expands to
-    frames: list[list[Any]] = [[None, 0]]  # [anchor, nodes so far] per open collection
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
-        if isinstance(event, yaml.AliasEvent):
-            frames[-1][1] += sizes.get(event.anchor or "", 1)
-        elif isinstance(event, yaml.ScalarEvent):
-            frames[-1][1] += 1
-            if event.anchor:
-                sizes[event.anchor] = 1
-        elif isinstance(event, yaml.CollectionStartEvent):
-            if len(frames) > MAX_YAML_DEPTH:
-                raise StillroomError(
-                    f"{source}: YAML nested deeper than {MAX_YAML_DEPTH} levels; a recipe is a "
-                    "few sections deep"
-                )
-            frames.append([event.anchor, 1])
-        elif isinstance(event, yaml.CollectionEndEvent):
-            anchor, count = frames.pop()
-            if anchor:
-                sizes[anchor] = count
-            frames[-1][1] += count
-        if frames[-1][1] > MAX_YAML_NODES:
-            raise StillroomError(
-                f"{source}: YAML expands to more than {MAX_YAML_NODES:,} values (aliases "
-                "repeated?); write the recipe out plainly"
-            )
-
-
-def safe_yaml(text: str, source: str) -> Any:
-    """yaml.safe_load, bounded in depth and expansion (see _check_yaml_size)."""
-    _check_yaml_size(text, source)
-    return yaml.safe_load(text)
 
 
 class _Section(BaseModel):

@@ -16,13 +16,14 @@ import torch
 import yaml
 from torch import nn
 
-from stillroom.config import Recipe, safe_yaml, validate_recipe
+from stillroom.config import Recipe, validate_recipe
 from stillroom.data import ArrayData
 from stillroom.errors import StillroomError
 from stillroom.losses import IGNORE_INDEX
 from stillroom.models import load_model
 from stillroom.pipeline import ROLES, prepare_data
 from stillroom.train.evaluate import METRICS
+from stillroom.yaml_safe import safe_yaml
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def read_json_file(path: Path, what: str = "run folder") -> Any:
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
-    """RUN_DIR/config.yaml as a mapping (bounded YAML: see stillroom.config.safe_yaml), one line
+    """RUN_DIR/config.yaml as a mapping (bounded YAML: see stillroom.yaml_safe), one line
     when it is not one."""
     path = Path(run_dir) / "config.yaml"
     try:
