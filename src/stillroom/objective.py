@@ -30,6 +30,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass as spec_dataclass
 from torch import nn
 
+from stillroom.dense.terms import box_term, cwd_term, heatmap_term
 from stillroom.errors import StillroomError
 from stillroom.models import device_of
 from stillroom.taps import Taps, feature_shapes
@@ -285,6 +286,34 @@ class AdversarialSpec(_Softened):
         return self
 
 
+@spec_dataclass(frozen=True, config=_SPEC)
+class CwdSpec(_Softened):
+    """Shu et al. 2021: KL of each channel's spatial softmax, over outputs or two layers."""
+
+    kind: Literal["cwd"] = "cwd"
+
+    @model_validator(mode="after")
+    def _both_or_no_layers(self) -> CwdSpec:
+        if bool(self.student) != bool(self.teacher):
+            raise ValueError("a 'cwd' term compares outputs (no names) or two layers (both names)")
+        return self
+
+
+@spec_dataclass(frozen=True, config=_SPEC)
+class HeatmapSpec(TermSpec):
+    """A detection head's class heatmaps: BCE to the teacher's sigmoid(logits / T), T**2."""
+
+    kind: Literal["heatmap"] = "heatmap"
+    temperature: float = Field(1.0, gt=0, description="softens both heatmaps' logits")
+
+
+@spec_dataclass(frozen=True, config=_SPEC)
+class BoxSpec(TermSpec):
+    """A detection head's box sizes: L1 to the teacher's, weighted by its heatmap confidence."""
+
+    kind: Literal["box"] = "box"
+
+
 SPECS: dict[str, type[TermSpec]] = {
     get_args(cls.__pydantic_fields__["kind"].annotation)[0]: cls
     for cls in (
@@ -301,6 +330,9 @@ SPECS: dict[str, type[TermSpec]] = {
         RkdAngleSpec,
         TokenKlSpec,
         AdversarialSpec,
+        CwdSpec,
+        HeatmapSpec,
+        BoxSpec,
     )
 }
 """The spec class of every term kind (stillroom.objective.TERMS holds the same keys)."""
@@ -347,6 +379,9 @@ TERMS: dict[str, Callable[[TermSpec, BuildContext], list[Term]]] = {
     "rkd_angle": relation_term,  # Park et al. 2019
     "token_kl": token_term,  # GKD (Agarwal et al. 2024): forward/reverse KL, generalized JSD
     "adversarial": adversarial_term,  # Xu et al. 2018: a discriminator the student learns to fool
+    "cwd": cwd_term,  # Shu et al. 2021: channel-wise distillation of dense maps (outputs, layers)
+    "heatmap": heatmap_term,  # a detection head's class heatmaps (per-cell soft targets)
+    "box": box_term,  # a detection head's box sizes, where the teacher sees objects
 }
 """Every term kind a recipe's `distill.terms` (or `TermSpec.kind`) may name."""
 assert TERMS.keys() == SPECS.keys(), "every term kind has one spec class and one builder"
@@ -354,7 +389,7 @@ assert TERMS.keys() == SPECS.keys(), "every term kind has one spec class and one
 FEATURE_KINDS = ("hint", "attention_transfer", "hidden_state", "attention_map")
 RELATION_KINDS = ("rkd_distance", "rkd_angle")
 OUTPUT_KINDS = ("soft_target", "topk_soft_target", "regression", "dkd")
-TAPPING_KINDS = (*FEATURE_KINDS, *RELATION_KINDS, "adversarial")
+TAPPING_KINDS = (*FEATURE_KINDS, *RELATION_KINDS, "adversarial", "cwd")
 
 
 def classic_terms(

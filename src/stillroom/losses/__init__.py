@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 import torch
 
+from stillroom.losses.dense import centernet_loss, segmentation_loss
 from stillroom.losses.dkd import decoupled_kd_loss
 from stillroom.losses.features import (
     Projector,
@@ -45,6 +46,9 @@ HARD_LABEL_TERMS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     "language_modeling": token_label_loss,
     # sentence embeddings: the targets are reference vectors (N, D), fitted by MSE
     "embedding": hard_target_loss,
+    # dense heads: per-pixel cross-entropy to masks; CenterNet focal + size loss to boxes
+    "segmentation": segmentation_loss,
+    "detection": centernet_loss,
 }
 """The supervised term for each task kind."""
 

@@ -38,6 +38,7 @@ from stillroom.methods import (
     causal_lm,
     classic,
     continual,
+    dense,
     encoder,
     ensemble,
     federated,
@@ -134,6 +135,12 @@ METHODS: dict[str, Method] = {
         continual.run_continual,
         "a model kept current over a task sequence (class- or domain-incremental), distilling "
         "from itself: fine-tuning, LwF, LwF + exemplar memory, joint; accuracy matrix, forgetting",
+    ),
+    "dense": Method(
+        dense.DenseRecipe,
+        dense.run_dense,
+        "segmentation / CenterNet-style detection: a fully-convolutional teacher -> a small one "
+        "with pixel-wise soft targets, channel-wise (CWD), heatmap, box and feature terms",
     ),
 }
 

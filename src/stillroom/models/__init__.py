@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from stillroom.dense.models import build_fcn
 from stillroom.errors import StillroomError
 from stillroom.io import atomic_save_tensors, atomic_write_text
 from stillroom.models.cnn import SmallCNN
@@ -97,6 +98,7 @@ MODELS: dict[str, Callable[[dict[str, Any], tuple[int, ...], int], nn.Module]] =
     "resnet": _build_resnet,
     "multiexit": build_multiexit,  # ResNet with early exits (self-distillation)
     "multitask": build_multitask,  # shared trunk + named task heads (multi-task)
+    "fcn": build_fcn,  # fully-convolutional encoder-decoder: segmentation / detection heads
     "preprocessed": build_preprocessed,  # any of these with its data's standardisation (export)
     "factory": _build_factory,  # the user's own nn.Module: spec {"factory": "module:function"}
     "hf": build_hf,  # a transformers image classifier folder (config.json + model.safetensors)
@@ -111,7 +113,7 @@ FROZEN = ("onnx", "sklearn")
 MAX_PARAMETERS = 2**31
 """The most parameters a built-in family may have (8 GiB of float32): a bigger spec is a typo,
 refused before any memory is allocated."""
-BUILT_IN = ("mlp", "cnn", "resnet", "multiexit", "multitask")
+BUILT_IN = ("mlp", "cnn", "resnet", "multiexit", "multitask", "fcn")
 """Families built here from plain numbers: sized on the meta device before the real build."""
 MAX_INPUT_VALUES = 2**28
 MAX_OUTPUTS = 1 << 20

@@ -1,5 +1,6 @@
 """Task metrics on a loader: accuracy (classification), RMSE (regression), perplexity (language
-modelling), cosine to reference vectors (embeddings); per named output for dict-output models.
+modelling), cosine to reference vectors (embeddings), mIoU and pixel accuracy (segmentation),
+mAP@0.5 (detection); per named output for dict-output models.
 
 Metrics are accumulated batch by batch from per-sample sums, so a language model's (N, L, V) logits
 are never gathered for the whole validation set.
@@ -16,7 +17,14 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
+from stillroom.dense.metrics import (
+    decode_detections,
+    detection_map,
+    segmentation_metrics,
+    segmentation_sums,
+)
 from stillroom.losses import IGNORE_INDEX
+from stillroom.losses.dense import SIZE_CHANNELS
 from stillroom.objective import match_targets, to_device
 
 METRICS = {
@@ -24,6 +32,8 @@ METRICS = {
     "regression": ("rmse", "min"),
     "language_modeling": ("perplexity", "min"),
     "embedding": ("cosine", "max"),
+    "segmentation": ("miou", "max"),
+    "detection": ("map50", "max"),
 }
 """task -> (the metric that picks the best checkpoint, whether higher or lower is better)."""
 
@@ -81,7 +91,9 @@ def _sample_sums(task: str, outputs: torch.Tensor, targets: torch.Tensor) -> tor
         nll = F.cross_entropy(outputs, safe, reduction="none")
         correct = (outputs.argmax(1) == targets).float()
         w = labelled.float()
-        return torch.stack([correct * w, nll * w, w], dim=1)
+        sums = torch.stack([correct * w, nll * w, w], dim=1)
+        # (N, C, H, W) logits against (N, H, W) labels: every labelled pixel counts
+        return sums.flatten(2).sum(2) if sums.dim() > 2 else sums
     if task == "regression":
         outputs = match_targets(outputs, targets)
         labelled = ~torch.isnan(targets)
@@ -98,6 +110,8 @@ def _sample_sums(task: str, outputs: torch.Tensor, targets: torch.Tensor) -> tor
         w = labelled.float()
         correct = (outputs.argmax(-1) == targets).float() * w
         return torch.stack([(nll * w).sum(1), correct.sum(1), w.sum(1)], dim=1)
+    if task == "segmentation":
+        return segmentation_sums(outputs, targets)
     assert task == "embedding"
     cosine = F.cosine_similarity(outputs, targets.float(), dim=1)
     squared = ((outputs - targets.float()) ** 2).mean(1)
@@ -105,6 +119,8 @@ def _sample_sums(task: str, outputs: torch.Tensor, targets: torch.Tensor) -> tor
 
 
 def _metrics(task: str, sums: torch.Tensor) -> dict[str, float]:
+    if task == "segmentation":
+        return segmentation_metrics(sums)
     a, b, count = (float(v) for v in sums)
     count = max(count, 1.0)
     if task == "classification":
@@ -129,12 +145,17 @@ def evaluate(
 ) -> dict[str, float]:
     """Metrics over the labelled samples: {"accuracy", "loss"} (classification), {"rmse", "loss"}
     (regression), {"perplexity", "token_accuracy", "loss"} (language modelling), {"cosine", "loss"}
-    (embeddings). For a model with named outputs, `task` maps each output to its task and the keys
+    (embeddings), {"miou", "pixel_accuracy"} (segmentation), {"map50", "map"} (detection: the
+    whole split's decoded detections scored at once). For a model with named outputs, `task` maps each output to its task and the keys
     are "<output>/<metric>"."""
     was_training = model.training
     model.eval()
     tasks = task if isinstance(task, dict) else {None: task}
-    totals: dict[str | None, torch.Tensor] = {key: torch.zeros(3) for key in tasks}
+    # per-sample sums are 3 numbers, or 3C + 2 for segmentation: sized by the first batch
+    totals: dict[str | None, torch.Tensor | None] = dict.fromkeys(tasks)
+    # detection is scored over the whole split: its decoded detections and boxes are kept
+    found: dict[str | None, list[tuple[torch.Tensor, torch.Tensor]]] = {key: [] for key in tasks}
+    classes: dict[str | None, int] = {}
     for batch in loader:
         inputs, target = batch[0], batch[1]
         if accelerator is None:
@@ -144,13 +165,35 @@ def evaluate(
             o = out if key is None else out[key]
             # one label tensor serves every named output (the exits of a self-distilled network)
             t = target[key] if isinstance(target, dict) else target
+            if kind == "detection":
+                pair = (decode_detections(o), t.to(o.device))
+                if accelerator is not None:
+                    pair = accelerator.gather_for_metrics(pair)
+                found[key].append((pair[0].cpu(), pair[1].float().cpu()))
+                classes[key] = o.shape[1] - SIZE_CHANNELS
+                continue
             sums = _sample_sums(kind, o, t.to(o.device))
             if accelerator is not None:
                 sums = accelerator.gather_for_metrics(sums)
-            totals[key] += sums.sum(0).cpu()
+            batch_sum = sums.sum(0).cpu()
+            totals[key] = batch_sum if totals[key] is None else totals[key] + batch_sum
     model.train(was_training)
     results: dict[str, float] = {}
     for key, kind in tasks.items():
         prefix = "" if key is None else f"{key}/"
-        results.update({prefix + name: v for name, v in _metrics(kind, totals[key]).items()})
+        if kind == "detection":
+            scores = _detection_scores(found[key], classes.get(key, 1))
+        else:
+            scores = _metrics(kind, totals[key] if totals[key] is not None else torch.zeros(3))
+        results.update({prefix + name: v for name, v in scores.items()})
     return results
+
+
+def _detection_scores(
+    found: list[tuple[torch.Tensor, torch.Tensor]], num_classes: int
+) -> dict[str, float]:
+    if not found:
+        return {"map50": 0.0, "map": 0.0}
+    detections = torch.cat([d for d, _ in found])
+    boxes = torch.cat([b for _, b in found])
+    return detection_map(detections, boxes, num_classes)
