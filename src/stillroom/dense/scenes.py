@@ -18,6 +18,7 @@ class ids (`ignore_index` marks unlabelled pixels); for detection, `boxes` (N, M
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ def scene_classes(task: str) -> int:
     return DIGIT_CLASSES + 1 if task == "segmentation" else DIGIT_CLASSES
 
 
+@cache  # read once per process: the train, val and test scenes draw from the same images
 def _digit_pool(held_out: bool) -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
