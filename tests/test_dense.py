@@ -265,3 +265,17 @@ def test_boxes_outside_the_image_are_one_line(tmp_path: Path) -> None:
     path = _npz(tmp_path / "bad.npz", inputs=inputs, boxes=boxes)
     with pytest.raises(StillroomError, match=r"box \[4.0, 4.0, 9.0, 6.0\] of image 1 is outside"):
         read_dense_npz(path, "detection", None)
+
+
+def test_a_pixel_soft_target_run_from_python_trains_and_validates() -> None:
+    """The issue's repro: distill() with (N, C, H, W) soft targets used to crash validating."""
+    from stillroom.data import make_loader
+    from stillroom.train import distill
+
+    train, val = make_scenes(16, "segmentation", 0), make_scenes(8, "segmentation", 1)
+    torch.manual_seed(0)
+    teacher, student = FCN((1, 32, 32), [4, 8], 11), FCN((1, 32, 32), [4, 8], 11)
+    loaders = make_loader(train, 8, shuffle=True), make_loader(val, 8, shuffle=False)
+    for task, metric in (("classification", "val/accuracy"), ("segmentation", "val/miou")):
+        result = distill(teacher, student, *loaders, task=task, epochs=1, progress=False)
+        assert 0 <= result.history[0][metric] <= 1
