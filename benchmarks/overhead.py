@@ -65,12 +65,13 @@ def bare_epoch(student: nn.Module, train: ArrayData, teacher: nn.Module | None, 
     start = time.perf_counter()
     for i in range(0, n, BATCH):
         index = order[i : i + BATCH]
-        x, y = train.inputs[index], train.targets[index]
+        # index_select: several times faster than x[index] on the CPU (stillroom's loader uses it)
+        x, y = train.inputs.index_select(0, index), train.targets.index_select(0, index)
         out = student(x)
         loss = F.cross_entropy(out, y)
         if teacher is not None or logits is not None:
             if logits is not None:
-                soft = logits[index]
+                soft = logits.index_select(0, index)
             else:
                 with torch.no_grad():
                     soft = teacher(x)
@@ -88,7 +89,7 @@ def bare_epoch(student: nn.Module, train: ArrayData, teacher: nn.Module | None, 
 def stillroom_epoch(student: nn.Module, train: ArrayData, teacher) -> float:
     args = TrainArgs(
         epochs=1, lr=LR, optimizer="sgd", scheduler="constant", alpha=ALPHA if teacher else 0.0,
-        temperature=T, weight_decay=0.0, progress=False, cpu=True,
+        temperature=T, weight_decay=0.0, nesterov=False, progress=False, cpu=True,
     )  # fmt: skip
     loader = make_loader(train, BATCH, shuffle=True)
     start = time.perf_counter()

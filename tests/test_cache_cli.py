@@ -180,8 +180,11 @@ def test_unusable_teacher(
 
 
 @pytest.mark.parametrize("top_k", [None, 3])
-def test_distill_reads_the_store(tmp_path: Path, teacher_dir: Path, top_k: int | None) -> None:
-    """cache, then distill with teacher.store: the student learns from the store (dense or top-k)."""
+def test_distill_reads_the_store(
+    monkeypatch, tmp_path: Path, teacher_dir: Path, top_k: int | None
+) -> None:
+    """cache, then distill with teacher.store: the student learns from the store (dense or top-k),
+    and the teacher never runs over the training inputs again."""
     store = tmp_path / "store"
     override = f"teacher.checkpoint={teacher_dir}"
     extra = ["--top-k", str(top_k)] if top_k else ["--precision", "fp32"]
@@ -193,6 +196,11 @@ def test_distill_reads_the_store(tmp_path: Path, teacher_dir: Path, top_k: int |
     )
     loss = ["distill.loss=topk_soft_target"] if top_k else []
     out = tmp_path / "run"
+
+    def no_live_teacher(*args, **kwargs):
+        raise AssertionError("a run given a store ran the teacher over the training inputs")
+
+    monkeypatch.setattr("stillroom.methods.classic.generate_soft_targets", no_live_teacher)
     result = stillroom_in_process(
         "distill",
         RECIPE,
@@ -212,6 +220,7 @@ def test_distill_reads_the_store(tmp_path: Path, teacher_dir: Path, top_k: int |
         json.loads(x) for x in (out / "student_kd" / "metrics.jsonl").read_text().splitlines()
     ]
     assert len(records) == 2 and records[0]["train/distillation"] > 0
+    assert not (out / "soft_targets.safetensors").exists()
 
 
 def test_distill_refuses_a_store_of_another_teacher(tmp_path: Path, teacher_dir: Path) -> None:

@@ -79,7 +79,7 @@ class CachedTeacher:
             )
         if len(index) != len(inputs):
             raise StillroomError(f"batch has {len(inputs)} inputs but {len(index)} indices")
-        return self.outputs[index.to(self.outputs.device)]
+        return self.outputs.index_select(0, index.to(self.outputs.device))
 
     def save(self, path: Path) -> None:
         atomic_save_tensors({"outputs": self.outputs}, path)

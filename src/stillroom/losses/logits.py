@@ -99,10 +99,10 @@ def hard_label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         labels: int64 class ids; `IGNORE_INDEX` marks a sample without a label. A batch with no
             labelled sample gives 0.
     """
-    labelled = labels != IGNORE_INDEX
-    if not labelled.any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
+    # the sum over labelled samples divided by their count (at least 1): the mean that
+    # cross_entropy would give, and 0 for a batch without labels, with no host sync to ask which
+    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp_min(1)
 
 
 def hard_target_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

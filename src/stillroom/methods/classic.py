@@ -8,7 +8,8 @@ Run folder:
     data.json                   how the data was read: source, columns, encodings, split sizes,
                                 the standardisation every model carries (see data/scaling.py)
     teacher/                    model.json + model.safetensors, metrics.jsonl, checkpoints/
-    soft_targets.safetensors    the teacher's logits for every training sample (row = sample id)
+    soft_targets.safetensors    the teacher's logits for every training sample (row = sample id);
+                                absent when teacher.store gives them or the teacher runs live
     student_scratch/            the student trained on labels alone
     student_kd/                 the distilled student
     results.json                every number of the comparison
@@ -45,7 +46,7 @@ from stillroom.pipeline import (
 from stillroom.results import ModelResult, Summary, describe, gap_note, write_summary
 from stillroom.runs import gap_closed, prepare_run_dir, release
 from stillroom.store import StoreTeacher
-from stillroom.teachers import CachedTeacher, generate_soft_targets
+from stillroom.teachers import generate_soft_targets
 from stillroom.train import evaluate, predict
 from stillroom.train.evaluate import METRICS
 
@@ -116,12 +117,15 @@ def run_recipe(
                 shutil.rmtree(run_dir)
             raise
 
-    # 2. soft targets: the teacher runs once over every training input, labelled or not
-    soft_targets = generate_soft_targets(teacher, make_loader(student_train, 512, shuffle=False))
-    soft_targets.save(run_dir / "soft_targets.safetensors")
+    # 2. soft targets: the teacher runs once over every training input, labelled or not; not at
+    #    all when a store holds them, or when it must run live on every batch anyway
+    kd_teacher: Any = teacher if live else store
+    if kd_teacher is None:
+        soft_targets = generate_soft_targets(teacher, make_loader(student_train, 512, shuffle=False))
+        soft_targets.save(run_dir / "soft_targets.safetensors")
+        kd_teacher = soft_targets
 
     # 3. the same student architecture, from labels alone and distilled
-    kd_teacher: Any = teacher if live else store or CachedTeacher(soft_targets.outputs)
     students = train_students(
         recipe,
         run_dir,

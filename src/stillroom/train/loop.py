@@ -14,19 +14,20 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
 from accelerate.utils import set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from stillroom.data.loaders import SeededBatches
 from stillroom.errors import NonFiniteLossError, StillroomError
 from stillroom.io import atomic_save_tensors, atomic_write_json
 from stillroom.objective import (
@@ -47,6 +48,7 @@ from stillroom.train.evaluate import METRICS, evaluate, is_better
 from stillroom.train.logging import MetricsLog
 
 BEST = "best.safetensors"
+STATUS_EVERY = 25  # batches between refreshes of the bar's running loss
 
 BatchTransform = Callable[[Any, Any, Any, nn.Module, int], tuple[Any, Any, Any]]
 """(inputs, targets, index, student, batch) -> (inputs, targets, index): rewrites a training batch
@@ -166,11 +168,22 @@ def distill(
     model = ObjectiveStudent(student, weighted)
     critics = Critics(terms)  # second players (adversarial discriminators), their own optimizer
     optimizer = _build_optimizer(model, args)
+    if isinstance(train_loader.batch_sampler, SeededBatches):  # make_loader's: the run's seed
+        train_loader.batch_sampler.seed = args.seed
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     critics.to(accelerator.device)
+    # One process, no fp16 loss scale, no accumulation: Accelerate's optimizer wrapper, backward
+    # and accumulate add nothing then but per-step cost (accelerate 1.16 looks up the `lomo_optim`
+    # package twice per optimizer step), so the step calls torch directly. Decided once, here.
+    plain = (
+        accelerator.distributed_type == DistributedType.NO
+        and accelerator.scaler is None
+        and args.grad_accum_steps == 1
+    )
+    step_optimizer = optimizer.optimizer if plain else optimizer
     # sized from the prepared loader: under multi-process training each process sees its shard
     steps_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
-    scheduler = _build_scheduler(optimizer, args, steps_per_epoch * args.epochs)
+    scheduler = _build_scheduler(step_optimizer, args, steps_per_epoch * args.epochs)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
     inner = accelerator.unwrap_model(model)
@@ -197,6 +210,7 @@ def distill(
         atomic_write_json(run_dir / "train_args.json", args.to_dict())
 
     progress = _progress(args, accelerator)
+    shown = not progress.disable
     task_id = progress.add_task(args.description, total=args.epochs * len(train_loader), status="")
     progress.update(task_id, completed=run.epoch * len(train_loader))
     # 2. the loop: batch -> student -> teacher -> sum of weighted terms -> step
@@ -210,8 +224,9 @@ def distill(
             train_loader.set_epoch(epoch)
             model.train()
             started = time.perf_counter()
-            sums = dict.fromkeys(["loss", *(t.name for t in terms), *critics.names], 0.0)
-            seen = 0
+            # sample-weighted sums, kept on the device and read once per epoch (and per status
+            # refresh when the bar is shown): a read per step would wait for the device each time
+            sums = Sums(["loss", *(t.name for t in terms), *critics.names])
             for batch in train_loader:
                 inputs, targets, index = _unpack(batch)
                 if batch_transform is not None:  # e.g. on-policy: the student writes the batch
@@ -219,7 +234,7 @@ def distill(
                         inputs, targets, index, inner.student, run.batches
                     )
                 run.batches += 1  # per micro-batch: each draws its own randomness
-                with accelerator.accumulate(model):
+                with nullcontext() if plain else accelerator.accumulate(model):
                     outputs, student_features = model(inputs)
                     step = StepOutputs(outputs, None, targets, student_features, inputs=inputs)
                     if frozen is not None:
@@ -227,28 +242,30 @@ def distill(
                             frozen, teacher_layers, inputs, index
                         )
                     values = _term_values(terms, step, has_teacher=frozen is not None)
-                    loss = sum(t.weight * values[t.name] for t in weighted)
+                    loss = _weighted_sum(weighted, values)
                     _check_finite(loss, values, run.step, epoch, ckpt_root)
-                    accelerator.backward(loss)
+                    if plain:
+                        loss.backward()
+                    else:
+                        accelerator.backward(loss)
                     if accelerator.sync_gradients and args.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
+                    step_optimizer.step()
                     if args.max_norm is not None and accelerator.sync_gradients:
                         _constrain_rows(inner.student, args.max_norm)
                     if accelerator.sync_gradients:
                         scheduler.step()
                         run.step += 1
-                    optimizer.zero_grad()
+                    step_optimizer.zero_grad(set_to_none=True)
                 # the critics' turn, on this batch with the student's side held fixed
                 values.update(critics.step(step, accelerator))
-                n = _batch_size(inputs, targets)
-                seen += n
-                sums["loss"] += loss.item() * n
-                for name, value in values.items():
-                    sums[name] += value.item() * n
-                progress.update(
-                    task_id, advance=1, status=f"epoch {epoch + 1} loss {sums['loss'] / seen:.4f}"
-                )
+                sums.add(_batch_size(inputs, targets), loss=loss, **values)
+                if shown:
+                    batch_in_epoch = sums.batches
+                    status = None
+                    if batch_in_epoch % STATUS_EVERY == 1 or batch_in_epoch == len(train_loader):
+                        status = f"epoch {epoch + 1} loss {sums.mean('loss'):.4f}"
+                    progress.update(task_id, advance=1, **({"status": status} if status else {}))
 
             # 3. the epoch's end: validate, keep the best, stop early, checkpoint
             record: dict[str, Any] = {
@@ -256,7 +273,7 @@ def distill(
                 "step": run.step,
                 "lr": scheduler.get_last_lr()[0],
                 "epoch_seconds": round(time.perf_counter() - started, 4),
-                **{f"train/{key}": value / max(seen, 1) for key, value in sums.items()},
+                **{f"train/{key}": value for key, value in sums.means().items()},
             }
             if val_loader is not None:
                 scores = evaluate(inner.student, val_loader, args.outputs or args.task, accelerator)
@@ -359,6 +376,53 @@ def _term_values(
     return values
 
 
+class Sums:
+    """Sample-weighted means of the logged values over an epoch, read from the device only when
+    asked (once per epoch, and per refresh of the bar's status).
+
+    add(n, name=value, ...) keeps each 0-d tensor as it is (detached) with its batch size n;
+    mean(name) stacks them: a step never waits for the device to report a number.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.values: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        self.sizes: dict[str, list[int]] = {name: [] for name in names}
+        self.samples = 0
+        self.batches = 0
+
+    def add(self, n: int, **values: torch.Tensor) -> None:
+        self.samples += n
+        self.batches += 1
+        for name, value in values.items():
+            self.values[name].append(value.detach())
+            self.sizes[name].append(n)
+
+    def mean(self, name: str) -> float:
+        values = self.values[name]
+        if not values:
+            return 0.0
+        # float64 as the Python floats summed before (MPS has no float64)
+        stacked = torch.stack(values)
+        stacked = stacked.float() if stacked.device.type == "mps" else stacked.double()
+        sizes = torch.tensor(self.sizes[name], dtype=stacked.dtype, device=stacked.device)
+        return (stacked * sizes).sum().item() / max(self.samples, 1)
+
+    def means(self) -> dict[str, float]:
+        return {name: self.mean(name) for name in self.names}
+
+
+def _weighted_sum(weighted: list[Term], values: dict[str, torch.Tensor]) -> torch.Tensor:
+    """sum(weight * value) over the weighted terms, without the ops a weight of 1 or a start at 0
+    would add to every step."""
+    total = None
+    for term in weighted:
+        value = values[term.name] if term.weight == 1 else term.weight * values[term.name]
+        total = value if total is None else total + value
+    assert total is not None  # the objective has at least one weighted term
+    return total
+
+
 def _batch_size(inputs: Any, targets: Any) -> int:
     """Samples in a batch: inputs may be a dict (tokenised text), targets a dict (multi-task)."""
     for value in (inputs, targets):
@@ -423,7 +487,7 @@ def _check_finite(
     ckpt_root: Path | None,
 ) -> None:
     """Stop before a NaN/inf reaches the weights, naming the step and the term that went bad."""
-    if torch.isfinite(loss):
+    if math.isfinite(loss.item()):  # one read of a 0-d tensor: cheaper than an isfinite kernel
         return
     bad = [name for name, value in values.items() if not torch.isfinite(value)]
     saved = ckpt_root is not None and (ckpt_root / "latest.json").is_file()
