@@ -5,7 +5,7 @@ doing the same arithmetic, in three modes, with 1 and 2 threads.
 
 Setting (issue 17's): 60,000 samples of 784 features (random inputs with labels from a fixed
 random linear map: timing does not depend on what is learnt), teacher 784-1200-1200-10, student
-784-64-10, SGD lr 0.05 momentum 0.9, batch 128, T = 4, alpha 0.9, one epoch per measurement.
+784-64-10, SGD lr 0.05 momentum 0.9 (no Nesterov, both sides), batch 128, T = 4, alpha 0.9, one epoch per measurement.
 Modes:
     labels  the student on labels alone (no teacher)
     online  KD with the live teacher run on every batch
