@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -10,6 +11,10 @@ from torch import nn
 
 from stillroom.data import Splits, load_dataset, split
 from stillroom.models import build_model
+
+# runs started in this process would otherwise pick `threads: auto` from the machine's load and
+# change torch's threads between tests; a set OMP_NUM_THREADS keeps torch's count as it started
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")

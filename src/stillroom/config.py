@@ -236,6 +236,11 @@ class RecipeBase(_Section):
         0, ge=0, le=MAX_SEED, description="seed of data splits, initialisation and batch order"
     )
     cpu: bool = Field(False, description="force the CPU even when an accelerator is present")
+    threads: int | Literal["auto"] = Field(
+        "auto",
+        description="CPU threads for torch: auto (the idle cores, at most 8; OMP_NUM_THREADS "
+        "wins) or a number, clamped to 1..cores; `--threads` overrides; may change on --resume",
+    )
 
     absent: ClassVar[dict[str, str]] = {}
     """Sections other methods have and this one does not: key -> why, and what to do instead."""
@@ -535,8 +540,8 @@ def load_recipe(path: Path | str | None, overrides: list[str] | None = None) -> 
 def dump_recipe(recipe: BaseModel) -> str:
     """The resolved recipe as YAML: every field, defaults included, ready to run again."""
     tree = recipe.model_dump(mode="json")
-    for key in ("tune", "search"):  # unset, they stay out: earlier run folders still resume
-        if key in tree and tree[key] is None:
+    for key, unset in (("tune", None), ("search", None), ("threads", "auto")):
+        if key in tree and tree[key] == unset:  # unset, they stay out: earlier folders resume
             del tree[key]
     if "method" in tree:  # first, as a reader looks for it
         tree = {"method": tree.pop("method"), **tree}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -194,6 +195,17 @@ def claim_run_dir(
     remove_folder(run_dir, kind)
 
 
+SAFE_ON_RESUME = ("threads",)
+"""Top-level recipe fields a --resume may change: they change how fast a run goes, not what it
+computes (beyond the last bits of float sums)."""
+
+
+def _without_safe(config: str) -> str:
+    """A dumped recipe without its SAFE_ON_RESUME lines (each is one `key: value` line)."""
+    keys = "|".join(SAFE_ON_RESUME)
+    return re.sub(rf"^(?:{keys}): [^\n]*\n", "", config, flags=re.MULTILINE)
+
+
 def prepare_run_dir(
     run_dir: Path,
     recipe: BaseModel,
@@ -205,7 +217,9 @@ def prepare_run_dir(
     (resume) one started with the same recipe, cleaned of an interrupted process's temporary
     files. `force` replaces an earlier run, never deleting the `protected` inputs."""
     from stillroom.config import dump_recipe
+    from stillroom.threads import use_threads
 
+    use_threads(getattr(recipe, "threads", "auto"))  # every method starts here
     run_dir = Path(run_dir)
     config_path = run_dir / "config.yaml"
     if resume and force:
@@ -222,7 +236,9 @@ def prepare_run_dir(
             started_with = None
         if started_with is not None:
             check_finished_phases(run_dir)
-        if started_with != dump_recipe(recipe):
+        if started_with is None or _without_safe(started_with) != _without_safe(
+            dump_recipe(recipe)
+        ):
             release(run_dir)
             raise StillroomError(
                 f"the recipe differs from the one {run_dir} was started with (see its config.yaml); "
@@ -230,6 +246,7 @@ def prepare_run_dir(
             )
         write_marker(run_dir, "run", method=getattr(recipe, "method", None))
         clean_temporary(run_dir)
+        atomic_write_text(config_path, dump_recipe(recipe))  # a safe change is recorded
         return
     claim_run_dir(run_dir, force, protected)
     run_dir.mkdir(parents=True, exist_ok=True)

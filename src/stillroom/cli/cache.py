@@ -10,7 +10,13 @@ from typing import Annotated
 
 import typer
 
-from stillroom.cli.common import OverridesArg, ProgressOption, console
+from stillroom.cli.common import (
+    OverridesArg,
+    ProgressOption,
+    ThreadsOption,
+    console,
+    with_threads,
+)
 from stillroom.config import load_recipe
 from stillroom.errors import StillroomError
 
@@ -63,6 +69,7 @@ def cache_command(
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="replace an existing store")] = False,
     progress: ProgressOption = True,
+    threads: ThreadsOption = None,
 ) -> None:
     """Cache the teacher's outputs on the training data: compute them once, train many students."""
     import torch
@@ -70,8 +77,10 @@ def cache_command(
     from stillroom.models import FROZEN, Standardized
     from stillroom.pipeline import given_teacher, prepare_data
     from stillroom.store import cache_teacher
+    from stillroom.threads import use_threads
 
-    resolved = load_recipe(recipe, overrides or [])
+    resolved = load_recipe(recipe, with_threads(overrides, threads))
+    use_threads(resolved.threads)
     if out is None:
         raise StillroomError("pass --out STORE_DIR: the folder the store is written to")
     section = resolved.teacher

@@ -47,6 +47,14 @@ ReportOption = Annotated[
 ProgressOption = Annotated[
     bool, typer.Option("--progress/--no-progress", help="show progress bars", metavar="")
 ]
+ThreadsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--threads",
+        metavar="N|auto",
+        help="CPU threads for torch (default: the recipe's `threads`, auto = the idle cores)",
+    ),
+]
 OverridesArg = Annotated[
     list[str] | None,
     typer.Argument(help="recipe overrides as dotted key=value, e.g. distill.alpha=0.5"),
@@ -56,3 +64,10 @@ OverridesArg = Annotated[
 def fresh_run_dir(run_dir: Path, force: bool, kind: str = "run") -> None:
     """Refuse to reuse a folder unless --force, and then only a stillroom folder of `kind`."""
     claim_run_dir(run_dir, force, kind=kind)
+
+
+
+def with_threads(overrides: list[str] | None, flag: str | None) -> list[str]:
+    """The recipe overrides with --threads as one more (`threads=N`): the recipe's field is the
+    one setting, validated and recorded in config.yaml like any other."""
+    return [*(overrides or []), *([] if flag is None else [f"threads={flag.strip()}"])]

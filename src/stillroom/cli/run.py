@@ -14,9 +14,11 @@ from stillroom.cli.common import (
     OverridesArg,
     ProgressOption,
     ReportOption,
+    ThreadsOption,
     TrustRemoteCodeOption,
     console,
     fresh_run_dir,
+    with_threads,
 )
 from stillroom.config import dump_recipe
 from stillroom.results import read_summary, terminal_table
@@ -30,6 +32,7 @@ def demo(
     force: ForceOption = False,
     progress: ProgressOption = True,
     report: ReportOption = True,
+    threads: ThreadsOption = None,
 ) -> None:
     """Distil a CNN into a 31x smaller MLP on built-in digits, with all labels and with 5% of them."""
     from stillroom.demo import demo_summaries, run_demo, write_demo_md
@@ -38,7 +41,9 @@ def demo(
     run_dir = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     fresh_run_dir(run_dir, force, kind="demo")
     started = time.perf_counter()
-    result = run_demo(run_dir, seed=seed, progress=progress, overrides=overrides or [])
+    result = run_demo(
+        run_dir, seed=seed, progress=progress, overrides=with_threads(overrides, threads)
+    )
     reports = {name: build_report(run_dir / name) for name in result.settings} if report else {}
     summaries = demo_summaries(run_dir)  # after the reports: their latency is the one shown
     if reports:
@@ -70,13 +75,14 @@ def distill_command(
     progress: ProgressOption = True,
     report: ReportOption = True,
     trust_remote_code: TrustRemoteCodeOption = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Run a recipe (its `method:` picks the workflow; see `stillroom methods`)."""
     from stillroom.methods import load_method_recipe
     from stillroom.report import build_report
 
     method, resolved = load_method_recipe(
-        recipe, overrides or [], trust_remote_code=trust_remote_code
+        recipe, with_threads(overrides, threads), trust_remote_code=trust_remote_code
     )
     run_dir = out or Path("runs") / resolved.name
     try:

@@ -13,7 +13,9 @@ from stillroom.cli.common import (
     OverridesArg,
     ProgressOption,
     ReportOption,
+    ThreadsOption,
     console,
+    with_threads,
 )
 from stillroom.results import read_summary, terminal_table
 
@@ -49,6 +51,7 @@ def tune_command(
     storage: StorageOption = None,
     progress: ProgressOption = True,
     report: ReportOption = True,
+    threads: ThreadsOption = None,
 ) -> None:
     """Tune the recipe's tune.space (T, alpha, lr, any dotted field) with Optuna on the validation
     split, then compare the best recipe with the starting one on the test split over seeds."""
@@ -57,7 +60,7 @@ def tune_command(
 
     result = tune(
         recipe,
-        overrides or [],
+        with_threads(overrides, threads),
         out,
         trials=trials,
         workers=workers,
