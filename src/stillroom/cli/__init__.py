@@ -14,7 +14,7 @@ from typing import NoReturn
 import typer
 from typer import rich_utils
 
-from stillroom.cli import cache, export_cmd, report_cmd, run, tune_cmd
+from stillroom.cli import cache, export_cmd, report_cmd, run, search_cmd, tune_cmd
 from stillroom.cli.common import err_console
 from stillroom.errors import StillroomError
 
@@ -32,6 +32,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "report": report_cmd.report_command,
     "cache": cache.cache_command,
     "tune": tune_cmd.tune_command,
+    "search": search_cmd.search_command,
 }
 
 app = typer.Typer(

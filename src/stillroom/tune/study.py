@@ -82,10 +82,12 @@ class TuneResult:
 
 
 def recipe_hash(tree: dict[str, Any]) -> str:
-    """The study's identity: the recipe with its tune section, less the trial count (which
-    --trials may raise on a resume)."""
+    """The study's identity: the recipe with its tune (or search) section, less the trial count
+    (which --trials may raise on a resume)."""
     ident = json.loads(json.dumps(tree, sort_keys=True, default=str))
-    ident.get("tune", {}).pop("trials", None)
+    for key in ("tune", "search"):
+        if isinstance(ident.get(key), dict):
+            ident[key].pop("trials", None)
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -103,7 +105,7 @@ def open_storage(url: str) -> Any:
         ) from None
 
 
-def _check_study(storage: Any, name: str, ident: str) -> None:
+def check_study(storage: Any, name: str, ident: str) -> None:
     """Refuse a study of the same name made by a different recipe (it is left as it is)."""
     import optuna
 
@@ -148,11 +150,11 @@ def tune(
             f"{source}: tune computes the teacher's store itself (in the run folder); drop "
             "teacher.store (teacher.checkpoint reuses a trained teacher)"
         )
-    _no_feature_terms(base, source)
+    check_output_terms(base, source)
     run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"{base.name}"
     ident = recipe_hash(tree)
     if storage is not None:  # checked before the run folder exists: a bad URL writes nothing
-        _check_study(open_storage(storage), base.name, ident)
+        check_study(open_storage(storage), base.name, ident)
     check_run_dir_free(run_dir, resume, force)
     splits, student_train = prepare_data(base)
     check_task(base, splits.train.task)
@@ -179,13 +181,13 @@ def tune(
         release(run_dir)
 
 
-def _no_feature_terms(recipe: Recipe, source: str) -> None:
+def check_output_terms(recipe: Recipe, source: str, command: str = "tune") -> None:
     from stillroom.objective import tapped_layers
 
     if tapped_layers(list(recipe.train_args(recipe.distill, "classification").terms))[1]:
         raise StillroomError(
-            f"{source}: tune trains every trial from the teacher's stored outputs, and a term "
-            "reads teacher layers live; tune a recipe with output terms only"
+            f"{source}: {command} trains every trial from the teacher's stored outputs, and a "
+            f"term reads teacher layers live; {command} a recipe with output terms only"
         )
 
 
@@ -211,10 +213,10 @@ def _tune_in(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
-    store = _teacher_store(run_dir, base, splits, student_train, progress, resume)
+    store = teacher_store(run_dir, base, splits, student_train, progress, resume)
     url = storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
     rdb = open_storage(url)
-    _check_study(rdb, base.name, ident)
+    check_study(rdb, base.name, ident)
     task = splits.train.task
     metric, way = METRICS[task]
     study = optuna.create_study(
@@ -261,7 +263,7 @@ def _tune_in(
             f"{len(bad)} worker process(es) failed (exit {bad}); rerun with --resume"
         )
 
-    finished = _finished(study)
+    finished = finished_trials(study)
     complete = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         raise StillroomError("no trial finished; widen tune.space or lower tune.startup_trials")
@@ -297,8 +299,8 @@ def _tune_in(
         "storage": url if storage else "study.db",
         "workers": workers,
         "study_seconds_this_call": round(study_seconds, 1),
-        "trial_seconds_total": round(sum(_seconds(t) for t in finished), 1),
-        "trial_list": [_trial_row(t, job.space, kinds) for t in _all(study)],
+        "trial_seconds_total": round(sum(trial_seconds(t) for t in finished), 1),
+        "trial_list": [_trial_row(t, job.space, kinds) for t in all_trials(study)],
         "figures": [p.name for p in figures],
     }
     atomic_write_json(run_dir / "results.json", payload)
@@ -309,8 +311,14 @@ def _tune_in(
     return result
 
 
-def _teacher_store(
-    run_dir: Path, recipe: Recipe, splits: Any, student_train: Any, progress: bool, resume: bool
+def teacher_store(
+    run_dir: Path,
+    recipe: Recipe,
+    splits: Any,
+    student_train: Any,
+    progress: bool,
+    resume: bool,
+    command: str = "stillroom tune",
 ) -> Path:
     """The teacher trained once (or given) and its outputs over the training set cached once,
     in RUN_DIR/store: every trial, in every worker, reads this store."""
@@ -339,7 +347,7 @@ def _teacher_store(
             precision="fp32",
             resume=store.exists(),
             progress=progress,
-            command="stillroom tune (the run's teacher, cached once for every trial)",
+            command=f"{command} (the run's teacher, cached once for every trial)",
         )
     return store
 
@@ -406,7 +414,7 @@ def optimize(job: TrialJob, settings: dict[str, Any], worker: int) -> None:
     )
     rdb = open_storage(job.storage)
     # a resumed study draws on from a new seed: the same seed would propose the same values again
-    drawn = len(_all(optuna.load_study(study_name=job.study_name, storage=rdb)))
+    drawn = len(all_trials(optuna.load_study(study_name=job.study_name, storage=rdb)))
     study = optuna.load_study(
         study_name=job.study_name,
         storage=rdb,
@@ -416,7 +424,7 @@ def optimize(job: TrialJob, settings: dict[str, Any], worker: int) -> None:
         ),
         pruner=pruner,
     )
-    done = len(_finished(study))
+    done = len(finished_trials(study))
     if done >= job.total:
         return
 
@@ -452,7 +460,7 @@ def optimize(job: TrialJob, settings: dict[str, Any], worker: int) -> None:
     def show(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if not job.progress:
             return
-        finished = len(_finished(study))
+        finished = len(finished_trials(study))
         state = {
             TrialState.COMPLETE: f"val {trial.value:.4f}",
             TrialState.PRUNED: f"pruned at epoch {trial.user_attrs.get('pruned_at_epoch', '?')}",
@@ -488,17 +496,17 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else json.dumps(value)
 
 
-def _all(study: Any) -> list[Any]:
+def all_trials(study: Any) -> list[Any]:
     return study.get_trials(deepcopy=False)
 
 
-def _finished(study: Any) -> list[Any]:
+def finished_trials(study: Any) -> list[Any]:
     from optuna.trial import TrialState
 
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
 
 
-def _seconds(trial: Any) -> float:
+def trial_seconds(trial: Any) -> float:
     if trial.datetime_start is None or trial.datetime_complete is None:
         return 0.0
     return (trial.datetime_complete - trial.datetime_start).total_seconds()
@@ -511,7 +519,7 @@ def _trial_row(trial: Any, space: dict[str, dict[str, Any]], kinds: dict[str, st
         "value": trial.value,
         "params": decode(trial.params, space, kinds),
         "epochs": len(trial.intermediate_values),
-        "seconds": round(_seconds(trial), 2),
+        "seconds": round(trial_seconds(trial), 2),
     }
 
 
@@ -541,9 +549,12 @@ def compare_on_seeds(
     first_seed: int,
     seeds: int,
     metric: str,
+    tuned_baseline: bool = False,
 ) -> dict[str, Any]:
     """The starting and the tuned recipe on `seeds` seeds; per seed one teacher (trained by the
-    starting run) that the tuned run loads, so both students learn from the same teacher."""
+    starting run) that the tuned run loads, so both students learn from the same teacher.
+    tuned_baseline: also train the tuned student from labels alone ("tuned_scratch": search
+    compares a new architecture with itself trained without the teacher)."""
     from stillroom.cli.common import console
 
     per_seed: dict[str, dict[str, Any]] = {}
@@ -555,7 +566,11 @@ def compare_on_seeds(
         start = run_classic(with_values(start_tree, {"seed": seed}), start_dir, "starting recipe")
         tuned_tree = with_values(
             best_tree,
-            {"seed": seed, "baseline": False, "teacher.checkpoint": str(start_dir / "teacher")},
+            {
+                "seed": seed,
+                "baseline": tuned_baseline,
+                "teacher.checkpoint": str(start_dir / "teacher"),
+            },
         )
         tuned = run_classic(
             tuned_tree, run_dir / "final" / f"{best_name}-seed{seed}", "tuned recipe"
@@ -566,6 +581,7 @@ def compare_on_seeds(
                 "student_scratch": start["models"].get("student_scratch"),
                 "start": start["models"]["student_kd"],
                 "tuned": tuned["models"]["student_kd"],
+                "tuned_scratch": tuned["models"].get("student_scratch"),
             }
         per_seed[str(seed)] = {
             "teacher": start["models"]["teacher"][metric],
@@ -574,6 +590,9 @@ def compare_on_seeds(
             else None,
             "start": start["models"]["student_kd"][metric],
             "tuned": tuned["models"]["student_kd"][metric],
+            "tuned_scratch": tuned["models"]["student_scratch"][metric]
+            if "student_scratch" in tuned["models"]
+            else None,
         }
     keep = ("parameters", "size_bytes", "latency_ms")
     out: dict[str, Any] = {
@@ -582,7 +601,7 @@ def compare_on_seeds(
         "seeds": per_seed,
         "costs": {k: {f: v[f] for f in keep} if v else None for k, v in costs.items()},
     }
-    for role in ("teacher", "scratch", "start", "tuned"):
+    for role in ("teacher", "scratch", "start", "tuned", "tuned_scratch"):
         values = [row[role] for row in per_seed.values() if row[role] is not None]
         out[role] = {
             "mean": statistics.fmean(values) if values else None,
