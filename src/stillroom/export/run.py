@@ -4,6 +4,7 @@ export_run                  a classic run folder's distilled student, checked on
 (another method's run)      the student its summary.json names (`primary`), as the folder below
 export_model_folder         any model folder stillroom saved (model.json: a student of any method)
 export_transformers_folder  a transformers folder (config.json: encoder / causal LM students)
+export_sklearn_folder       an interpretable student (student.json: scikit-learn -> skl2onnx)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from stillroom.export.transformers_folder import (
     export_transformers_folder,
     is_transformers_folder,
 )
+from stillroom.interpretable.files import STUDENT_JSON, export_sklearn_folder
 from stillroom.models import in_user_units, load_model
 from stillroom.results import SUMMARY, Summary, read_summary
 
@@ -41,6 +43,8 @@ def export_path(
     """Export what `path` holds: ("run" | "model" | "transformers", result). `formats`: FORMATS
     rows (default: every row for stillroom models, TRANSFORMERS_FORMATS for transformers)."""
     path = Path(path)
+    if (path / STUDENT_JSON).is_file():  # an interpretable student: scikit-learn, via skl2onnx
+        return "model", export_sklearn_folder(path, out_dir, force, formats=formats, int8=int8)
     if (path / "model.json").is_file() and not (path / "config.yaml").is_file():
         chosen = formats or tuple(FORMATS)
         return "model", export_model_folder(path, out_dir, int8, force, formats=chosen)
@@ -52,6 +56,13 @@ def export_path(
         folder = _primary_folder(path, summary)
         out = out_dir or path / "export"
         test = _test_split(path)
+        if test is not None and (folder / STUDENT_JSON).is_file():
+            test = to_user_units(test.head(PARITY_ROWS) if test.mapped else test)
+            return "run", export_sklearn_folder(
+                folder, out, force, test.inputs.reshape(len(test), -1).numpy(), formats, int8,
+                {"run_dir": str(path.resolve()), "role": folder.relative_to(path).as_posix(),
+                 "split": "test"},
+            )  # fmt: skip
         if test is None or not (folder / "model.json").is_file():
             return export_path(folder, out, formats, int8, force)
         model, meta = load_model(folder, user_units=True)

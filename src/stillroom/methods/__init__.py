@@ -42,6 +42,7 @@ from stillroom.methods import (
     encoder,
     ensemble,
     federated,
+    interpretable,
     multitask,
     ranking,
     self_distill,
@@ -141,6 +142,12 @@ METHODS: dict[str, Method] = {
         dense.run_dense,
         "segmentation / CenterNet-style detection: a fully-convolutional teacher -> a small one "
         "with pixel-wise soft targets, channel-wise (CWD), heatmap, box and feature terms",
+    ),
+    "interpretable": Method(
+        interpretable.InterpretableRecipe,
+        interpretable.run_interpretable,
+        "a network teacher distilled into a decision tree, a rule list and a sparse linear model "
+        "(scikit-learn; ONNX via skl2onnx), beside each fitted to labels; fidelity and rules",
     ),
 }
 

@@ -6,7 +6,9 @@ by the method itself once, on the run's test split; this report shows those numb
 nothing again, so a figure is never given twice), the settings, the notes and the learning curves
 of every phase folder that logged metrics.jsonl.
 
-Report folder: report.html, report.json, curves.png, models.png.
+Report folder: report.html, report.json, curves.png, models.png. A method's own figures
+(RUN_DIR/figures/*.png) and texts (RUN_DIR/texts/*.md, e.g. an interpretable student's rules) are
+embedded too.
 """
 
 from __future__ import annotations
@@ -93,12 +95,20 @@ def write_summary_report(run_dir: Path, out: Path, summary: Summary) -> Path:
     for own in sorted((run_dir / "figures").glob("*.png")):  # a method's own (tune: the study's)
         figures[own.stem] = own
     numbers["figures"] = {name: path.name for name, path in figures.items()}
+    texts = {own.stem: own.read_text() for own in sorted((run_dir / "texts").glob("*.md"))}
+    numbers["texts"] = sorted(texts)
     atomic_write_json(out / "report.json", numbers)
-    atomic_write_text(out / "report.html", render_summary_html(numbers, summary, figures))
+    html = render_summary_html(numbers, summary, figures, texts)
+    atomic_write_text(out / "report.html", html)
     return out / "report.html"
 
 
-def render_summary_html(numbers: dict[str, Any], summary: Summary, figures: dict[str, Path]) -> str:
+def render_summary_html(
+    numbers: dict[str, Any],
+    summary: Summary,
+    figures: dict[str, Path],
+    texts: dict[str, str] | None = None,
+) -> str:
     headers, body = table_cells(summary)
     m = numbers["measurement"]["machine"]
     parts = [
@@ -126,6 +136,8 @@ def render_summary_html(numbers: dict[str, Any], summary: Summary, figures: dict
             f'<figure id="fig-{name}"><img src="data:image/png;base64,{data}" alt="{name}">'
         )
         parts.append("</figure>")
+    for name, text in (texts or {}).items():  # a method's own text (the rules of a tree, ...)
+        parts.append(f'<h2 id="text-{_e(name)}">{_e(name)}</h2><pre>{_e(text)}</pre>')
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
