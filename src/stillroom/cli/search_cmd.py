@@ -13,7 +13,9 @@ from stillroom.cli.common import (
     OverridesArg,
     ProgressOption,
     ReportOption,
+    ThreadsOption,
     console,
+    with_threads,
 )
 from stillroom.cli.tune_cmd import ResumeOption, StorageOption
 from stillroom.results import read_summary, terminal_table
@@ -39,6 +41,7 @@ def search_command(
     storage: StorageOption = None,
     progress: ProgressOption = True,
     report: ReportOption = True,
+    threads: ThreadsOption = None,
 ) -> None:
     """Search the student's shape (search.space: family, widths, depth) with NSGA-II for the
     Pareto front of validation metric against cost; retrain the best candidate inside --budget
@@ -48,7 +51,7 @@ def search_command(
 
     result = search(
         recipe,
-        overrides or [],
+        with_threads(overrides, threads),
         out,
         budget=budget,
         trials=trials,

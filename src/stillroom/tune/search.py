@@ -257,6 +257,10 @@ def _search_in(
     start_params = _start_params(section, kinds, base)
     if drawn == 0 and start_params is not None:
         study.enqueue_trial(start_params, user_attrs={"starting_student": True})
+        family = section.space.get("student.kind")
+        for kind in family.choices or [] if family is not None else []:
+            if kind != base.student.kind:  # each family measured once, whatever NSGA-II draws
+                study.enqueue_trial({**start_params, "student.kind": json.dumps(kind)})
     # a resumed study draws on from a new seed: the same seed would propose the same values again
     study = optuna.load_study(
         study_name=name,

@@ -101,7 +101,12 @@ class SearchSection(BaseModel):
     )
     batch: int = Field(64, ge=2, le=65_536, description="the stated larger batch also timed")
     repeats: int = Field(100, ge=5, le=100_000, description="timed calls at batch 1 (median)")
-    threads: int = Field(1, ge=1, le=256, description="intra-op threads while timing")
+    threads: int = Field(
+        1,
+        ge=1,
+        le=256,
+        description="intra-op threads while timing (training: the recipe's threads)",
+    )
     seeds: int = Field(
         3, ge=1, le=20, description="seeds of the final comparison on the test split"
     )
