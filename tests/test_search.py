@@ -14,7 +14,7 @@ import yaml
 from helpers import stillroom_in_process, tree_digest
 from stillroom.config import load_recipe
 from stillroom.errors import StillroomError
-from stillroom.tune.search import search
+from stillroom.tune import search
 from stillroom.tune.search_costs import pareto_front
 from stillroom.tune.search_space import Budget, parse_budget
 
