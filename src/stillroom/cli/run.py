@@ -21,6 +21,7 @@ from stillroom.cli.common import (
     with_threads,
 )
 from stillroom.config import dump_recipe
+from stillroom.dist import process_run_dir, rank
 from stillroom.results import read_summary, terminal_table
 from stillroom.runs import release
 
@@ -85,6 +86,9 @@ def distill_command(
         recipe, with_threads(overrides, threads), trust_remote_code=trust_remote_code
     )
     run_dir = out or Path("runs") / resolved.name
+    if rank() > 0:  # launched as several processes: only rank 0 writes run_dir and prints
+        method.run(resolved, process_run_dir(run_dir, resume), resume=resume, progress=False)
+        return
     try:
         # a method replaces an earlier run only after every check passed: a typo loses nothing
         method.run(resolved, run_dir, resume=resume, progress=progress, force=force)

@@ -42,8 +42,8 @@ class GatheredDataset(IndexedDataset):
         # Accelerate's padding of a multi-process run's last batch) is converted
         index = (
             indices.index
-            if isinstance(indices, IndexBatch)
-            else torch.as_tensor(indices, dtype=torch.int64)
+            if isinstance(indices, IndexBatch) and len(indices.index) == len(indices)
+            else torch.as_tensor(indices, dtype=torch.int64)  # also a padded (extended) batch
         )
         # index_select copies whole rows; on the CPU it is several times faster than x[index]
         inputs = (

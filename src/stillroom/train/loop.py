@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from stillroom.data.loaders import SeededBatches
+from stillroom.dist import world_size
 from stillroom.errors import NonFiniteLossError, StillroomError
 from stillroom.io import atomic_save_tensors, atomic_write_json
 from stillroom.objective import (
@@ -149,7 +150,9 @@ def distill(
 
     # 1. setup: devices, the teacher, the objective's terms, optimizers
     accelerator = Accelerator(
-        cpu=args.cpu,
+        # several processes on a machine without an accelerator: Accelerate makes them one
+        # gloo group only when told cpu=True (else each process would train alone)
+        cpu=args.cpu or (world_size() > 1 and not torch.cuda.is_available()),
         mixed_precision=args.mixed_precision,
         gradient_accumulation_steps=args.grad_accum_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
@@ -168,8 +171,9 @@ def distill(
     model = ObjectiveStudent(student, weighted)
     critics = Critics(terms)  # second players (adversarial discriminators), their own optimizer
     optimizer = _build_optimizer(model, args)
-    if isinstance(train_loader.batch_sampler, SeededBatches):  # make_loader's: the run's seed
-        train_loader.batch_sampler.seed = args.seed
+    seeded = _seeded_batches(train_loader)
+    if seeded is not None:  # make_loader's: the run's seed
+        seeded.seed = args.seed
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     critics.to(accelerator.device)
     # One process, no fp16 loss scale, no accumulation: Accelerate's optimizer wrapper, backward
@@ -222,6 +226,8 @@ def distill(
             # re-seed from (seed, epoch): dropout masks and data order replay exactly after a resume
             set_seed(args.seed * 100_003 + epoch)
             train_loader.set_epoch(epoch)
+            if seeded is not None:  # under several processes Accelerate's wrapper hides it
+                seeded.set_epoch(epoch)
             model.train()
             started = time.perf_counter()
             # sample-weighted sums, kept on the device and read once per epoch (and per status
@@ -273,7 +279,7 @@ def distill(
                 "step": run.step,
                 "lr": scheduler.get_last_lr()[0],
                 "epoch_seconds": round(time.perf_counter() - started, 4),
-                **{f"train/{key}": value for key, value in sums.means().items()},
+                **{f"train/{key}": value for key, value in sums.means(accelerator).items()},
             }
             if val_loader is not None:
                 scores = evaluate(inner.student, val_loader, args.outputs or args.task, accelerator)
@@ -408,8 +414,20 @@ class Sums:
         sizes = torch.tensor(self.sizes[name], dtype=stacked.dtype, device=stacked.device)
         return (stacked * sizes).sum().item() / max(self.samples, 1)
 
-    def means(self) -> dict[str, float]:
-        return {name: self.mean(name) for name in self.names}
+    def means(self, accelerator: Accelerator | None = None) -> dict[str, float]:
+        """Every mean; given several processes' `accelerator`, over all their samples (a
+        collective: every process calls it)."""
+        if accelerator is None or accelerator.num_processes == 1:
+            return {name: self.mean(name) for name in self.names}
+        totals = [self.mean(name) * max(self.samples, 1) for name in self.names]
+        summed = accelerator.reduce(
+            torch.tensor([*totals, self.samples], dtype=torch.float64, device=accelerator.device),
+            "sum",
+        ).tolist()
+        return {
+            name: total / max(summed[-1], 1)
+            for name, total in zip(self.names, summed[:-1], strict=True)
+        }
 
 
 def _weighted_sum(weighted: list[Term], values: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -447,6 +465,17 @@ def _teacher_step(
         # clone out of inference mode: the loss saves these tensors for the student's backward
         features = {name: value.clone() for name, value in taps.outputs.items()}
     return outputs, features
+
+
+def _seeded_batches(loader: Any) -> SeededBatches | None:
+    """make_loader's batch sampler, also inside the shard wrapper Accelerate puts around it."""
+    for sampler in (
+        getattr(loader, "batch_sampler", None),
+        getattr(getattr(loader, "batch_sampler", None), "batch_sampler", None),
+    ):
+        if isinstance(sampler, SeededBatches):
+            return sampler
+    return None
 
 
 def _check_run_dir(run_dir: Path | None, resume: bool) -> None:
