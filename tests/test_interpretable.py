@@ -64,7 +64,9 @@ def test_tree_fits_labels_and_the_teachers_probabilities_to_its_depth() -> None:
 def test_sparse_linear_gets_sparser_with_a_stronger_penalty() -> None:
     x, y = _two_blobs()
     linear = STUDENTS["sparse_linear"]
-    score = x[:, 1] - 1.5 + 0.05 * x[:, 0] + 0.05 * x[:, 2] + 0.05 * x[:, 3]  # small weights elsewhere
+    score = (
+        x[:, 1] - 1.5 + 0.05 * x[:, 0] + 0.05 * x[:, 2] + 0.05 * x[:, 3]
+    )  # small weights elsewhere
     logits = np.stack([-score, score], 1)
     weak = linear.fit_teacher(Fitting(x, y, None, logits), 2, {**OPTIONS, "lasso_alpha": 1e-3})
     strong = linear.fit_teacher(Fitting(x, y, None, logits), 2, {**OPTIONS, "lasso_alpha": 0.5})

@@ -50,7 +50,10 @@ def choose_threads(requested: Threads) -> tuple[int | None, str | None]:
     if requested < 1:
         return 1, f"threads: {requested} is below 1; using 1 thread"
     if requested > total:
-        return total, f"threads: {requested} is more than this machine's {total} cores; using {total}"
+        return (
+            total,
+            f"threads: {requested} is more than this machine's {total} cores; using {total}",
+        )
     return requested, None
 
 

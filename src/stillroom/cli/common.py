@@ -66,7 +66,6 @@ def fresh_run_dir(run_dir: Path, force: bool, kind: str = "run") -> None:
     claim_run_dir(run_dir, force, kind=kind)
 
 
-
 def with_threads(overrides: list[str] | None, flag: str | None) -> list[str]:
     """The recipe overrides with --threads as one more (`threads=N`): the recipe's field is the
     one setting, validated and recorded in config.yaml like any other."""

@@ -121,7 +121,9 @@ def run_recipe(
     #    all when a store holds them, or when it must run live on every batch anyway
     kd_teacher: Any = teacher if live else store
     if kd_teacher is None:
-        soft_targets = generate_soft_targets(teacher, make_loader(student_train, 512, shuffle=False))
+        soft_targets = generate_soft_targets(
+            teacher, make_loader(student_train, 512, shuffle=False)
+        )
         soft_targets.save(run_dir / "soft_targets.safetensors")
         kd_teacher = soft_targets
 
