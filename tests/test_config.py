@@ -59,7 +59,7 @@ def test_overrides_are_dotted_and_typed() -> None:
         ),
         (
             ["data.source=imagenet"],
-            "data.source: Input should be 'digits', 'diabetes', 'npz', 'csv'",
+            "data.source: Input should be 'digits', 'diabetes', 'mnist', 'npz', 'csv'",
         ),
         (["distill.epochs=many"], "distill.epochs: Input should be a valid integer"),
         (["teacher.train.lr=0"], "teacher.train.lr: Input should be greater than 0 (given 0)"),

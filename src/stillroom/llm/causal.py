@@ -274,7 +274,8 @@ class TokenStoreTeacher:
         teacher: nn.Module | None = None,
         input_ids: torch.Tensor | None = None,
     ) -> None:
-        self.inner = StoreTeacher(store, teacher=teacher, data=input_ids)
+        # every batch compared: a block may be rewritten after its first read
+        self.inner = StoreTeacher(store, teacher=teacher, data=input_ids, recheck=True)
 
     def to(self, device: torch.device | str) -> TokenStoreTeacher:
         return self

@@ -66,6 +66,7 @@ from stillroom.pipeline import (
 )
 from stillroom.results import ModelResult, Summary, describe, write_summary
 from stillroom.runs import (
+    SAFE_ON_RESUME,
     clean_temporary,
     gap_closed,
     hold,
@@ -73,6 +74,7 @@ from stillroom.runs import (
     release,
     write_marker,
 )
+from stillroom.threads import use_threads
 from stillroom.train import predict
 from stillroom.train.evaluate import METRICS, is_better
 
@@ -198,7 +200,10 @@ def _prepare_chain_dir(run_dir: Path, recipe: ChainRecipe, resume: bool, force: 
         )
         return
     hold(run_dir)  # one process at a time, as for every method's resume
+    use_threads(recipe.threads)  # prepare_run_dir does this for a fresh run
     before, after = yaml.safe_load(config.read_text()), recipe.model_dump(mode="json")
+    for key in SAFE_ON_RESUME:  # may change on resume, and "auto" is not written
+        before.pop(key, None), after.pop(key, None)
     old, new = before.pop("generations", None) or [], after.pop("generations")
     complete = 0
     if is_complete(run_dir / "gen-0"):

@@ -24,7 +24,8 @@ class StoreTeacher:
     Every sample's inputs are compared with the fingerprint stored for its id the first time the
     sample is read, so a loader that augments its inputs, or indexes another dataset, fails loudly
     (in its first batch) instead of training on soft targets of other inputs; a sample already
-    checked is not checked again in later epochs. Pass `teacher` and/or `data` to also check, up
+    checked is not checked again in later epochs (`recheck=True` compares every batch: for loaders
+    that may rewrite a sample's inputs after its first read, as on-policy sampling does). Pass `teacher` and/or `data` to also check, up
     front, that the store was computed by this teacher (weights hash) on this dataset (count,
     shapes, sample hash).
 
@@ -40,6 +41,7 @@ class StoreTeacher:
         teacher: nn.Module | None = None,
         data: torch.Tensor | ArrayData | Dataset | None = None,
         resident_mb: float = 512,
+        recheck: bool = False,
     ) -> None:
         # every shard hashed now, before the first phase that reads it: a damaged byte is named
         # (with the command that repairs it) before any student trains, not after one has
@@ -50,6 +52,7 @@ class StoreTeacher:
         )
         self.store.check(teacher=teacher, data=data)
         self.resident_mb = resident_mb
+        self.recheck = recheck
         self._checked = np.zeros(len(self.store), dtype=bool)  # ids whose inputs were compared
         self._logits: torch.Tensor | None = None  # the whole dense store, once read
 
@@ -88,6 +91,9 @@ class StoreTeacher:
         """Compare the inputs of the samples not checked before with their fingerprints."""
         if len(ids) and (ids.min() < 0 or ids.max() >= len(self.store)):
             self.store.read("input_fingerprint", ids)  # names the index out of range
+        if self.recheck:
+            self.store.check_inputs(inputs, ids)
+            return
         fresh = ~self._checked[ids]
         if not fresh.any():
             return
