@@ -287,3 +287,23 @@ def test_run_from_member_stores_and_from_a_merged_store(tmp_path: Path, make_mlp
     with pytest.raises(StillroomError, match=r"ensemble\.store: store .* different teacher"):
         run_ensemble(other, tmp_path / "run3", progress=False)
     assert not (tmp_path / "run3").exists()
+
+
+def test_a_damaged_merged_store_is_named_before_any_member_trains(
+    tmp_path: Path, make_mlp, one_thread
+) -> None:
+    """Members trained in the run cannot be checked against the store until they exist, but the
+    store's own bytes can: a flipped byte stops the run before the first member trains."""
+    _, recipe = load_method_recipe(RECIPE, ["baseline=false", "distill.epochs=1"])
+    student_train = prepare_data(recipe)[1]
+    cache_teacher(make_mlp(outputs=10), student_train, tmp_path / "merged", progress=False)
+    shard = next((tmp_path / "merged" / "shards").glob("*.npy"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    damaged = load_method_recipe(
+        RECIPE, ["baseline=false", "distill.epochs=1", f"ensemble.store={tmp_path / 'merged'}"]
+    )[1]
+    with pytest.raises(StillroomError, match="recompute it with `stillroom cache"):
+        run_ensemble(damaged, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "teacher_0").exists()

@@ -239,7 +239,8 @@ def _check_recipe(recipe: EnsembleRecipe, task: str) -> None:
             "single teacher to tap; keep output terms only (soft_target, dkd, hard_label)"
         )
     if recipe.ensemble.store is not None:
-        store = SoftTargetStore.open(recipe.ensemble.store)  # fails on a folder with no store
+        # every shard hashed now: a missing or damaged store is named before any member trains
+        store = SoftTargetStore.open(recipe.ensemble.store, verify=True)
         if store.kind != "dense":
             raise StillroomError(
                 f"ensemble.store {recipe.ensemble.store} holds top-k targets; cache the ensemble "
