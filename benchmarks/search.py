@@ -28,9 +28,9 @@ import yaml
 
 from common import machine
 from stillroom.results import describe
+from stillroom.tune.runs import run_classic
 from stillroom.tune.search import search
 from stillroom.tune.space import with_values
-from stillroom.tune.study import run_classic
 
 ROOT = Path(__file__).parent.parent
 RECIPE = ROOT / "recipes" / "digits_search.yaml"

@@ -44,6 +44,7 @@ from stillroom.config import (
 )
 from stillroom.errors import NonFiniteLossError, StillroomError
 from stillroom.io import atomic_write_json, atomic_write_text
+from stillroom.tune.runs import compare_on_seeds, teacher_store
 from stillroom.tune.search_costs import RUNTIMES, measure_candidate, pareto_front
 from stillroom.tune.search_space import (
     COSTS,
@@ -61,11 +62,9 @@ from stillroom.tune.study import (
     all_trials,
     check_output_terms,
     check_study,
-    compare_on_seeds,
     open_storage,
     recipe_hash,
     suggest,
-    teacher_store,
     trial_seconds,
 )
 
