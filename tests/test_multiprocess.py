@@ -14,7 +14,7 @@ import pytest
 from helpers import ROOT, stillroom_in_process, tree_digest
 
 API_SCRIPT = """
-import json, sys, torch
+import json, os, sys, torch
 from torch import nn
 from stillroom.data import ArrayData, make_loader
 from stillroom.train import TrainArgs, distill
@@ -26,7 +26,10 @@ batch = int(sys.argv[1])
 result = distill(None, student, make_loader(ArrayData(x, y, "classification", 2, "s"), batch, True),
                  args=TrainArgs(epochs=2, lr=0.1, alpha=0.0, progress=False, seed=0))
 flat = torch.cat([p.detach().flatten() for p in result.student.parameters()])
-print(json.dumps({"params": flat.tolist(), "loss": result.history[-1]["train/loss"]}))
+out = {"params": flat.tolist(), "loss": result.history[-1]["train/loss"]}
+# one file per process: two processes printing to one pipe may interleave their lines
+with open(f"{sys.argv[2]}.{os.environ.get('RANK', '0')}.json", "w") as f:
+    json.dump(out, f)
 """
 
 TINY = [
@@ -53,13 +56,11 @@ def torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     script = tmp_path / "api.py"
     script.write_text(API_SCRIPT)
-    two = torchrun(tmp_path, str(script), "32")
+    two = torchrun(tmp_path, str(script), "32", str(tmp_path / "two"))
     assert two.returncode == 0, two.stderr[-2000:]
-    ranks = [json.loads(line) for line in two.stdout.splitlines() if line.startswith("{")]
-    one = subprocess.run(
-        [sys.executable, str(script), "64"], capture_output=True, text=True, check=True
-    )
-    single = json.loads(one.stdout.splitlines()[-1])
+    ranks = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("two.*.json"))]
+    subprocess.run([sys.executable, str(script), "64", str(tmp_path / "one")], check=True)
+    single = json.loads((tmp_path / "one.0.json").read_text())
     assert len(ranks) == 2
     for rank in ranks:  # same models in both processes, and as one process with batch 64
         assert rank["params"] == pytest.approx(single["params"], abs=1e-5)
