@@ -286,7 +286,9 @@ def test_nan_loss_stops_with_the_step_and_term(tmp_path: Path) -> None:
         "--out",
         tmp_path / "r",
     )
-    assert_user_error(result, "loss term 'hard_label' became nan at step 1 (epoch 1)")
+    assert_user_error(
+        result, "loss term 'hard_label' became nan at step 1 (epoch 1) in phase 'teacher'"
+    )
 
 
 def test_interrupted_run_resumes_to_the_same_student(

@@ -228,6 +228,32 @@ def test_ctrl_c_prints_how_to_resume(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_ctrl_c_during_training_names_the_phase_and_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import stillroom.train.loop as loop
+
+    real_save, calls = loop.save_checkpoint, []
+
+    def save_then_stop(*args, **kwargs):
+        calls.append(real_save(*args, **kwargs))
+        if len(calls) == 2:  # the teacher's second epoch has been saved
+            raise KeyboardInterrupt
+        return calls[-1]
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stop)
+    tiny = ["teacher.channels=[4]", "teacher.hidden=[8]", "teacher.train.epochs=3"]
+    out = tmp_path / "run"
+    result = stillroom_in_process("distill", DIGITS, *tiny, "--out", out, "--no-progress")
+    assert result.returncode == 130
+    assert (
+        "interrupted during teacher at epoch 2; checkpoints are intact: rerun with --resume"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert (out / "teacher" / "checkpoints").is_dir()
+
+
 def test_a_huge_error_is_capped(monkeypatch: pytest.MonkeyPatch) -> None:
     import stillroom.methods
 

@@ -13,6 +13,11 @@ class NonFiniteLossError(StillroomError):
     """A loss term became NaN or inf; training stopped before the bad step touched the weights."""
 
 
+# where the training loop was when Ctrl-C reached it ("student_kd at epoch 3"), for the CLI's
+# one line; one slot, overwritten by each interrupt and cleared by the CLI when it starts
+INTERRUPTED_AT: list[str] = []
+
+
 def _one_line_interrupt_at_start_up() -> None:
     """The `stillroom` command interrupted while Python still imports it (torch takes seconds)
     prints one line instead of a 20-line traceback; Python then exits with SIGINT's status (130).

@@ -16,7 +16,7 @@ from typer import rich_utils
 
 from stillroom.cli import cache, export_cmd, report_cmd, run, search_cmd, tune_cmd
 from stillroom.cli.common import err_console
-from stillroom.errors import StillroomError
+from stillroom.errors import INTERRUPTED_AT, StillroomError
 
 try:  # Typer >= 0.22 vendors its own click; earlier ones use click itself
     from typer._click.exceptions import ClickException
@@ -73,6 +73,13 @@ MAX_MESSAGE = 1000
 INTERRUPTED = "interrupted; checkpoints are intact: rerun with --resume to continue"
 
 
+def _interrupted() -> str:
+    """The Ctrl-C line, naming the phase and epoch the training loop was in, if it was in one."""
+    if not INTERRUPTED_AT:
+        return INTERRUPTED
+    return f"interrupted during {INTERRUPTED_AT[0]}; checkpoints are intact: rerun with --resume"
+
+
 def _one_line(message: str) -> str:
     text = " ".join(str(message).split())
     return (
@@ -105,6 +112,7 @@ def main() -> None:
     """The `stillroom` command. Every user mistake ends here as one `error: ...` line (exit 2),
     an OS refusal as one line with the path and the reason (exit 2), Ctrl-C as one line (exit
     130). Typer runs in non-standalone mode so that none of them is swallowed or reformatted."""
+    INTERRUPTED_AT.clear()  # a library caller's earlier interrupt is not this command's
     try:
         code = app(standalone_mode=False)
     except StillroomError as err:
@@ -113,10 +121,10 @@ def main() -> None:
         rich_utils.rich_format_error(err)
         sys.exit(err.exit_code)
     except (KeyboardInterrupt, typer.Abort):
-        err_console.print(INTERRUPTED)
+        err_console.print(_interrupted(), markup=False, highlight=False, soft_wrap=True)
         sys.exit(130)
     except OSError as err:
         _fail(_os_error_line(err))
     if code == 130:  # Typer turns a KeyboardInterrupt inside a command into Exit(130)
-        err_console.print(INTERRUPTED)
+        err_console.print(_interrupted(), markup=False, highlight=False, soft_wrap=True)
     sys.exit(code if isinstance(code, int) else 0)

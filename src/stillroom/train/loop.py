@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import closing, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from stillroom.data.loaders import SeededBatches
 from stillroom.dist import world_size
-from stillroom.errors import NonFiniteLossError, StillroomError
+from stillroom.errors import INTERRUPTED_AT, NonFiniteLossError, StillroomError
 from stillroom.io import atomic_save_tensors, atomic_write_json
 from stillroom.objective import (
     ObjectiveStudent,
@@ -219,10 +219,12 @@ def distill(
     progress.update(task_id, completed=run.epoch * len(train_loader))
     # 2. the loop: batch -> student -> teacher -> sum of weighted terms -> step
     # closing(log): a NaN stop or Ctrl-C must not leave the TensorBoard event file open
-    with progress, closing(log):
+    position: list[str] = []  # the epoch being trained, for the Ctrl-C line
+    with progress, closing(log), _training_at(run_dir, position):
         for epoch in range(run.epoch, args.epochs):
             if run.stopped_early:
                 break
+            position[:] = [str(epoch + 1)]
             # re-seed from (seed, epoch): dropout masks and data order replay exactly after a resume
             set_seed(args.seed * 100_003 + epoch)
             train_loader.set_epoch(epoch)
@@ -249,7 +251,7 @@ def distill(
                         )
                     values = _term_values(terms, step, has_teacher=frozen is not None)
                     loss = _weighted_sum(weighted, values)
-                    _check_finite(loss, values, run.step, epoch, ckpt_root)
+                    _check_finite(loss, values, run.step, epoch, ckpt_root, run_dir)
                     if plain:
                         loss.backward()
                     else:
@@ -508,22 +510,37 @@ def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None
     )
 
 
+@contextmanager
+def _training_at(run_dir: Path | None, position: list[str]) -> Iterator[None]:
+    """On Ctrl-C, record the phase (the run folder's name) and the epoch in `position[0]`
+    (kept current by the loop) for the CLI's line, then let the interrupt go on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        phase = run_dir.name if run_dir is not None else "training"
+        INTERRUPTED_AT[:] = [f"{phase} at epoch {position[0]}" if position else phase]
+        raise
+
+
 def _check_finite(
     loss: torch.Tensor,
     values: dict[str, torch.Tensor],
     step: int,
     epoch: int,
     ckpt_root: Path | None,
+    run_dir: Path | None = None,
 ) -> None:
-    """Stop before a NaN/inf reaches the weights, naming the step and the term that went bad."""
+    """Stop before a NaN/inf reaches the weights, naming the phase (the run folder's name:
+    teacher, student_scratch, student_kd, ...), the step and the term that went bad."""
     if math.isfinite(loss.item()):  # one read of a 0-d tensor: cheaper than an isfinite kernel
         return
     bad = [name for name, value in values.items() if not torch.isfinite(value)]
     saved = ckpt_root is not None and (ckpt_root / "latest.json").is_file()
     where = f"the last good checkpoint is in {ckpt_root}" if saved else "no checkpoint was written"
+    phase = f" in phase '{run_dir.name}'" if run_dir is not None else ""
     raise NonFiniteLossError(
         f"loss term '{bad[0] if bad else 'total'}' became {loss.item()} at step {step + 1} "
-        f"(epoch {epoch + 1}); {where}. Lower lr, or check the inputs/teacher outputs for NaN"
+        f"(epoch {epoch + 1}){phase}; {where}. Lower lr, or check the inputs/teacher outputs for NaN"
     )
 
 
