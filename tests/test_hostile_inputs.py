@@ -8,6 +8,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -274,3 +275,37 @@ def test_weights_are_written_with_the_umask(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+# --- data files with nothing to learn, or that are not real numbers -------------------------------
+X6 = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "targets", "expected"),
+    [
+        (X6, np.full(40, np.nan, dtype=np.float32), "has no labels (every target is NaN)"),
+        (X6, np.full(40, 2.5, dtype=np.float32), "every target is 2.5, so there is nothing"),
+        (X6, np.zeros(40, dtype=np.int64), "has one class only (0)"),
+        (X6.astype(np.complex64), np.arange(40) % 2, "its inputs are complex64"),
+        (np.array(["a"] * 40), np.arange(40) % 2, "its inputs are <U1"),
+        (
+            np.where(np.arange(240).reshape(40, 6) == 75, np.inf, X6),
+            np.arange(40) % 2,
+            "inputs hold NaN or inf (first in sample 12)",
+        ),
+        (X6[:, 0], np.arange(40) % 2, "give inputs (N, features...)"),
+    ],
+    ids=["all-nan", "constant", "one-class", "complex", "strings", "inf", "1-d-inputs"],
+)
+def test_an_npz_with_nothing_to_learn_is_refused_before_training(
+    tmp_path: Path, inputs, targets, expected
+) -> None:
+    data = tmp_path / "bad.npz"
+    np.savez(data, inputs=inputs, targets=targets)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = stillroom_in_process(
+        "distill", DIGITS, "data.source=npz", f"data.path={data}", "--out", tmp_path / "run"
+    )
+    assert expected in _error_line(result)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no run folder left behind

@@ -128,7 +128,24 @@ def read_npz(path: Path, memory_limit_mb: float | None = None) -> ArrayData:
         raise StillroomError(
             f"{path}: {len(inputs)} inputs but {len(targets)} targets; they must match"
         )
+    for name, array in (("inputs", inputs), ("targets", targets)):
+        real = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)
+        if not (real or array.dtype == np.bool_):
+            raise StillroomError(
+                f"{path}: its {name} are {array.dtype} ({array.dtype.kind!r}); save real numbers "
+                "(float32 inputs; int64 class ids or float32 values as targets)"
+            )
+    if targets.ndim not in (1, 2) or inputs.ndim < 2:
+        raise StillroomError(
+            f"{path}: inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)}; give inputs "
+            "(N, features...) and targets (N,) or (N, D)"
+        )
     x = MappedInputs(inputs) if mapped else torch.tensor(inputs, dtype=torch.float32)
+    if not mapped and not bool(torch.isfinite(x).all()):
+        first = int((~torch.isfinite(x.view(len(x), -1))).any(1).nonzero()[0])
+        raise StillroomError(
+            f"{path}: inputs hold NaN or inf (first in sample {first}); remove or impute them"
+        )
     if np.issubdtype(targets.dtype, np.integer):
         num_classes = int(targets.max()) + 1 if len(targets) else 0
         return ArrayData(

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from stillroom.data.builtin import ArrayData, Splits, read_diabetes, read_digits, read_npz, split
 from stillroom.data.scaling import standardize
 from stillroom.errors import StillroomError
@@ -138,6 +140,7 @@ def read_source(section: DataSection) -> Loaded:
             raise StillroomError(
                 f"dataset {data.name!r} ({part}) has no samples; give a file with at least one"
             )
+    _check_labels(loaded.data)
     for data in (loaded.val, loaded.test):
         if data is not None and (data.input_shape, data.task) != (
             loaded.data.input_shape,
@@ -148,6 +151,29 @@ def read_source(section: DataSection) -> Loaded:
                 f"{loaded.data.input_shape} ({loaded.data.task}); give splits of one dataset"
             )
     return loaded
+
+
+def _check_labels(data: ArrayData) -> None:
+    """Refuse training data with nothing to learn: no label at all, one class, one value."""
+    targets = data.targets
+    if data.task == "classification":
+        seen = torch.unique(targets[targets >= 0])
+        if len(seen) == 0:
+            raise StillroomError(f"dataset {data.name!r} has no labels (every target is missing)")
+        if len(seen) == 1:
+            raise StillroomError(
+                f"dataset {data.name!r} has one class only ({int(seen[0])}); a classifier needs "
+                "at least two: check the target column or file"
+            )
+    elif data.task == "regression":
+        known = targets[~torch.isnan(targets)]
+        if known.numel() == 0:
+            raise StillroomError(f"dataset {data.name!r} has no labels (every target is NaN)")
+        if bool((known == known.flatten()[0]).all()) and len(targets) > 1:
+            raise StillroomError(
+                f"dataset {data.name!r}: every target is {float(known.flatten()[0]):g}, so there "
+                "is nothing to learn; check the target column or file"
+            )
 
 
 def load_dataset(source: str, path: Path | None = None) -> ArrayData:
