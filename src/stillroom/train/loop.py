@@ -251,7 +251,7 @@ def distill(
                         )
                     values = _term_values(terms, step, has_teacher=frozen is not None)
                     loss = _weighted_sum(weighted, values)
-                    _check_finite(loss, values, run.step, epoch, ckpt_root, run_dir)
+                    _check_finite(loss, values, run.step, epoch, ckpt_root)
                     if plain:
                         loss.backward()
                     else:
@@ -528,16 +528,15 @@ def _check_finite(
     step: int,
     epoch: int,
     ckpt_root: Path | None,
-    run_dir: Path | None = None,
 ) -> None:
-    """Stop before a NaN/inf reaches the weights, naming the phase (the run folder's name:
-    teacher, student_scratch, student_kd, ...), the step and the term that went bad."""
+    """Stop before a NaN/inf reaches the weights, naming the phase (the run folder holding
+    `ckpt_root`: teacher, student_scratch, student_kd, ...), the step and the bad term."""
     if math.isfinite(loss.item()):  # one read of a 0-d tensor: cheaper than an isfinite kernel
         return
     bad = [name for name, value in values.items() if not torch.isfinite(value)]
     saved = ckpt_root is not None and (ckpt_root / "latest.json").is_file()
     where = f"the last good checkpoint is in {ckpt_root}" if saved else "no checkpoint was written"
-    phase = f" in phase '{run_dir.name}'" if run_dir is not None else ""
+    phase = f" in phase '{ckpt_root.parent.name}'" if ckpt_root is not None else ""
     raise NonFiniteLossError(
         f"loss term '{bad[0] if bad else 'total'}' became {loss.item()} at step {step + 1} "
         f"(epoch {epoch + 1}){phase}; {where}. Lower lr, or check the inputs/teacher outputs for NaN"
